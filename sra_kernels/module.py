@@ -1,0 +1,93 @@
+"""``SpatialReductionAttention``: PVT's Attention module on top of :func:`sra_attention`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import sra_attention
+from .reference import LINEAR_POOL_SIZE
+from .torch_sdpa import sra_attention_sdpa
+from .validation import check_sra_args
+
+
+class SpatialReductionAttention(nn.Module):
+    """Drop-in replacement of the official PVT v1/v2 ``Attention`` (and SegFormer's).
+
+    Parameters keep the official names -- ``q``, ``kv``, ``proj``, ``sr``, ``norm`` (and the
+    parameter-free ``pool``/``act`` in linear mode) -- so official and timm state dicts load with
+    ``strict=True``. ``forward(x, H, W)`` maps tokens (B, N=H*W, C) to (B, N, C).
+
+    Attention dropout (``attn_drop > 0``) while training runs the ``sdpa`` backend, whose fused
+    attention applies the dropout; everything else runs ``backend`` (see :func:`sra_attention`).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, sr_ratio: int = 1, linear: bool = False,
+                 norm_eps: float = 1e-5, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.linear = linear
+        self.sr_ratio = sr_ratio
+        self.norm_eps = norm_eps
+        self.backend = backend
+        if linear:
+            self.pool = nn.AdaptiveAvgPool2d(LINEAR_POOL_SIZE)
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
+            self.act = nn.GELU()
+        elif sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """The official PVTv2 initialisation."""
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                m.bias.data.zero_()
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """x (B, H*W, C) -> (B, H*W, C)."""
+        reduces = self.linear or self.sr_ratio > 1
+        sr = self.sr if reduces else None
+        norm = self.norm if reduces else None
+        args = (
+            x, (H, W), self.q.weight, self.q.bias, self.kv.weight, self.kv.bias,
+            self.proj.weight, self.proj.bias,
+            None if sr is None else sr.weight, None if sr is None else sr.bias,
+            None if norm is None else norm.weight, None if norm is None else norm.bias,
+        )
+        kwargs = dict(num_heads=self.num_heads, sr_ratio=self.sr_ratio, linear=self.linear,
+                      eps=self.norm_eps if norm is None else norm.eps, scale=self.scale)
+        if self.training and self.attn_drop.p > 0:
+            check_sra_args(*args, **kwargs)
+            out = sra_attention_sdpa(*args, **kwargs, dropout_p=self.attn_drop.p)
+        else:
+            out = sra_attention(*args, **kwargs, backend=self.backend)
+        return self.proj_drop(out)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, "
+                f"linear={self.linear}, backend={self.backend!r}")

@@ -1,0 +1,31 @@
+"""Shared fixtures: the devices tests run on, seeded generators, float64 helpers."""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+KERNEL_DEVICES = (["cuda"] if CUDA else []) + (["cpu"] if INTERPRETER else [])
+"""Devices on which the Triton kernels run: CUDA natively, CPU in Triton's interpreter."""
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not KERNEL_DEVICES:
+        skip = pytest.mark.skip(reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+        for item in items:
+            if "kernel_device" in getattr(item, "fixturenames", ()):
+                item.add_marker(skip)
+
+
+@pytest.fixture(params=KERNEL_DEVICES or ["unavailable"])
+def kernel_device(request):
+    """A device on which the Triton kernels run (parametrised over CUDA and the interpreter)."""
+    return torch.device(request.param)

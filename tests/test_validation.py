@@ -1,0 +1,174 @@
+"""Every validation rule raises an error that names the argument; odd-but-valid inputs work."""
+
+import pytest
+import torch
+
+from sra_kernels import sra_attention
+
+B, H, W, C, HEADS, SR = 2, 8, 6, 16, 2, 2
+
+
+def _args(dtype=torch.float32, sr=SR, linear=False, device="cpu"):
+    def r(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    k = 1 if linear else sr
+    return dict(
+        x=r(B, H * W, C), size=(H, W),
+        q_weight=r(C, C), q_bias=r(C), kv_weight=r(2 * C, C), kv_bias=r(2 * C),
+        proj_weight=r(C, C), proj_bias=r(C),
+        sr_weight=r(C, C, k, k), sr_bias=r(C), norm_weight=r(C), norm_bias=r(C),
+        num_heads=HEADS, sr_ratio=sr, linear=linear,
+    )
+
+
+def _call(**overrides):
+    kwargs = _args()
+    kwargs.update(overrides)
+    return sra_attention(**kwargs, backend="reference")
+
+
+def _raises(error, match, **overrides):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+def test_valid_call_runs():
+    assert _call().shape == (B, H * W, C)
+
+
+@pytest.mark.parametrize("x,error,match", [
+    ([[1.0]], TypeError, "x must be a torch.Tensor"),
+    (torch.randn(H * W, C), ValueError, r"x must be 3-D"),
+    (torch.ones(B, H * W, C, dtype=torch.int32), ValueError, "x must have dtype"),
+    (torch.randn(B, H * W, C, dtype=torch.complex64), ValueError, "x must have dtype"),
+])
+def test_bad_x(x, error, match):
+    _raises(error, match, x=x)
+
+
+@pytest.mark.parametrize("size,error,match", [
+    ((H, W + 1), ValueError, r"size \(H, W\) = \(8, 7\).*N = 48"),
+    ((H * W,), TypeError, "size must be a pair"),
+    (48, TypeError, "size must be a pair"),
+    ((8.0, 6), TypeError, r"size\[0\] \(H\) must be an int"),
+    ((0, 6), ValueError, r"size\[0\] \(H\) must be >= 1"),
+])
+def test_bad_size(size, error, match):
+    _raises(error, match, size=size)
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("q_weight", (C, C + 1)), ("q_bias", (C + 1,)), ("kv_weight", (C, C)), ("kv_bias", (C,)),
+    ("proj_weight", (2 * C, C)), ("proj_bias", (2 * C,)), ("sr_weight", (C, C, 3, 3)),
+    ("sr_bias", (C - 1,)), ("norm_weight", (1,)), ("norm_bias", (C, 1)),
+])
+def test_weight_shape_must_match_channels(name, shape):
+    _raises(ValueError, f"{name} must have shape", **{name: torch.randn(*shape)})
+
+
+@pytest.mark.parametrize("name", ["q_weight", "kv_bias", "sr_weight", "norm_bias"])
+def test_weight_dtype_must_match_x(name):
+    bad = _args()[name].double()
+    _raises(ValueError, f"{name} must have x's dtype torch.float32, got torch.float64", **{name: bad})
+
+
+def test_weight_device_must_match_x():
+    bad = _args()["q_weight"].to("meta")
+    _raises(ValueError, "q_weight must be on x's device cpu, got meta", q_weight=bad)
+
+
+@pytest.mark.parametrize("name", ["q_weight", "kv_weight", "proj_weight"])
+def test_projection_weights_are_required(name):
+    _raises(ValueError, f"{name} is required", **{name: None})
+
+
+def test_weight_must_be_tensor():
+    _raises(TypeError, "kv_weight must be a torch.Tensor", kv_weight=[[0.0]])
+
+
+def test_reduction_needs_conv_weight():
+    _raises(ValueError, "sr_weight is required", sr_weight=None)
+
+
+@pytest.mark.parametrize("heads,error,match", [
+    (3, ValueError, "num_heads must divide the channel count C = 16, got num_heads = 3"),
+    (0, ValueError, "num_heads must be >= 1"),
+    (2.0, TypeError, "num_heads must be an int"),
+    (True, TypeError, "num_heads must be an int"),
+])
+def test_bad_num_heads(heads, error, match):
+    _raises(error, match, num_heads=heads)
+
+
+@pytest.mark.parametrize("sr,error,match", [
+    (0, ValueError, r"sr_ratio must be in \[1, 6\], got 0"),
+    (7, ValueError, r"sr_ratio must be in \[1, 6\], got 7"),
+    (2.5, TypeError, "sr_ratio must be an int"),
+])
+def test_bad_sr_ratio(sr, error, match):
+    _raises(error, match, sr_ratio=sr)
+
+
+@pytest.mark.parametrize("eps,error", [(0.0, ValueError), (-1e-5, ValueError), (float("nan"), ValueError), ("1e-5", TypeError)])
+def test_bad_eps(eps, error):
+    _raises(error, "eps must be", eps=eps)
+
+
+@pytest.mark.parametrize("scale,error", [(0.0, ValueError), (float("inf"), ValueError), ("x", TypeError)])
+def test_bad_scale(scale, error):
+    _raises(error, "scale must be", scale=scale)
+
+
+def test_bad_linear_flag():
+    _raises(TypeError, "linear must be a bool", linear=1)
+
+
+def test_bad_backend():
+    kwargs = _args()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sra_attention(**kwargs, backend="cuda")
+
+
+def test_bad_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("SRA_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SRA_KERNELS_BACKEND must be one of"):
+        sra_attention(**_args())
+
+
+def test_environment_chooses_backend(monkeypatch):
+    """auto follows SRA_KERNELS_BACKEND: 'reference' gives the eager math, bit for bit."""
+    kwargs = _args()
+    monkeypatch.setenv("SRA_KERNELS_BACKEND", "reference")
+    torch.testing.assert_close(sra_attention(**kwargs), sra_attention(**kwargs, backend="reference"), rtol=0, atol=0)
+
+
+def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        sra_attention(**_args(), backend="triton")
+
+
+def test_triton_rejects_float64(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16 for backend 'triton'"):
+        sra_attention(**_args(dtype=torch.float64), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_empty_batch_returns_empty(backend, linear):
+    kwargs = _args(linear=linear)
+    kwargs["x"] = kwargs["x"][:0]
+    out = sra_attention(**kwargs, backend=backend)
+    assert out.shape == (0, H * W, C)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_non_contiguous_inputs(backend):
+    kwargs = _args(dtype=torch.float64)
+    expected = sra_attention(**kwargs, backend="reference")
+    kwargs["x"] = kwargs["x"].transpose(0, 1).contiguous().transpose(0, 1)
+    kwargs["q_weight"] = kwargs["q_weight"].T.contiguous().T
+    assert not kwargs["x"].is_contiguous() and not kwargs["q_weight"].is_contiguous()
+    torch.testing.assert_close(sra_attention(**kwargs, backend=backend), expected)
