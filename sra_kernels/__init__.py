@@ -9,8 +9,9 @@ Public API:
 """
 
 from .dispatch import available_backends
-from .functional import sra_attention
+from .functional import reduced_kv_attention, spatial_reduce, sra_attention
 from .module import SpatialReductionAttention
 
-__all__ = ["available_backends", "sra_attention", "SpatialReductionAttention"]
+__all__ = ["available_backends", "sra_attention", "SpatialReductionAttention", "spatial_reduce",
+           "reduced_kv_attention"]
 __version__ = "0.1.0"

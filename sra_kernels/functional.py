@@ -1,4 +1,5 @@
-"""``sra_attention``: the public SRA op, validated and dispatched to a backend."""
+"""The public ops -- ``sra_attention`` and its fused building blocks ``spatial_reduce`` and
+``reduced_kv_attention`` -- validated and dispatched to a backend."""
 
 from __future__ import annotations
 
@@ -6,21 +7,24 @@ import torch
 
 from . import reference
 from .dispatch import resolve_backend
-from .torch_sdpa import sra_attention_sdpa
-from .validation import KERNEL_DTYPES, check_sra_args
+from .torch_sdpa import reduced_kv_attention_sdpa, sra_attention_sdpa
+from .validation import (KERNEL_DTYPES, check_attention_args, check_spatial_reduction_args,
+                         check_sra_args)
+
+try:
+    from . import fused
+except ModuleNotFoundError as error:  # no Triton (e.g. not Linux): resolve_backend refuses "triton"
+    if error.name != "triton":
+        raise
+    fused = None
 
 
-def _triton_sra_attention(*args, **kwargs):
-    from .fused import sra_attention_triton
-
-    return sra_attention_triton(*args, **kwargs)
-
-
-_IMPLEMENTATIONS = {
-    "reference": reference.sra_attention,
-    "sdpa": sra_attention_sdpa,
-    "triton": _triton_sra_attention,
-}
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    """The backend to run, checking that the triton backend gets a dtype its kernels take."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton" and x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"inputs must be fp32, fp16 or bf16 for backend 'triton', got {x.dtype}")
+    return backend
 
 
 def sra_attention(
@@ -79,11 +83,70 @@ def sra_attention(
         sr_weight, sr_bias, norm_weight, norm_bias,
         num_heads=num_heads, sr_ratio=sr_ratio, linear=linear, eps=eps, scale=scale,
     )
-    backend = resolve_backend(backend, x.device)
-    if backend == "triton" and x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"x must be fp32, fp16 or bf16 for backend 'triton', got {x.dtype}")
-    return _IMPLEMENTATIONS[backend](
+    implementation = {
+        "reference": reference.sra_attention,
+        "sdpa": sra_attention_sdpa,
+        "triton": fused and fused.sra_attention_triton,
+    }[_resolve(backend, x)]
+    return implementation(
         x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
         sr_weight, sr_bias, norm_weight, norm_bias,
         num_heads=num_heads, sr_ratio=sr_ratio, linear=linear, eps=eps, scale=scale,
     )
+
+
+def spatial_reduce(
+    x: torch.Tensor,
+    size: tuple[int, int],
+    sr_weight: torch.Tensor | None,
+    sr_bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    *,
+    sr_ratio: int,
+    linear: bool = False,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The key/value source of SRA: LayerNorm(Conv2d(kernel=stride=sr_ratio)(x) + bias), fused.
+
+    Args:
+        x: tokens (B, N = H*W, C), read in place (any strides).
+        size: (H, W); H, W need not be multiples of sr_ratio (the conv floors, as Conv2d does).
+        sr_weight: (C, C, sr, sr), or (C, C, 1, 1) with ``linear=True`` (PVTv2's
+            AdaptiveAvgPool2d(7) + 1x1 conv + LayerNorm + GELU).
+        sr_bias, norm_weight, norm_bias: (C,) or None.
+        backend: ``triton`` runs the fused kernel; ``reference``/``sdpa`` run Conv2d + LayerNorm.
+
+    Returns:
+        (B, M, C) with M = (H // sr) * (W // sr), 49 in linear mode; x itself when sr_ratio == 1.
+    """
+    H, W, sr_ratio, eps = check_spatial_reduction_args(x, size, sr_weight, sr_bias, norm_weight, norm_bias,
+                                                       sr_ratio=sr_ratio, linear=linear, eps=eps)
+    implementation = (fused.spatial_reduce_triton if _resolve(backend, x) == "triton"
+                      else reference.spatial_reduction)
+    return implementation(x, (H, W), sr_weight, sr_bias, norm_weight, norm_bias,
+                          sr_ratio=sr_ratio, linear=linear, eps=eps)
+
+
+def reduced_kv_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *, backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head, for many queries against a short key/value set.
+
+    Args:
+        q: (B, N, h, d) -- e.g. ``(x @ W_q.T).view(B, N, h, d)``; any strides.
+        k, v: (B, M, h, d) -- e.g. the two halves of ``kv.view(B, M, 2, h, d)``; any strides.
+        scale: default d ** -0.5.
+        backend: ``triton`` (fused online-softmax kernel), ``sdpa`` or ``reference``.
+
+    Returns:
+        (B, N, h, d), contiguous, so ``.view(B, N, h * d)`` is the (B, N, C) token layout.
+    """
+    scale = check_attention_args(q, k, v, scale)
+    implementation = {
+        "reference": reference.reduced_kv_attention,
+        "sdpa": reduced_kv_attention_sdpa,
+        "triton": fused and fused.reduced_kv_attention_triton,
+    }[_resolve(backend, q)]
+    return implementation(q, k, v, scale)

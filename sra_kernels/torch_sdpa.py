@@ -32,3 +32,9 @@ def sra_attention_sdpa(
     kv = F.linear(reduced, kv_weight, kv_bias).view(B, reduced.shape[1], 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=dropout_p, scale=scale)
     return F.linear(out.transpose(1, 2).reshape(B, N, C), proj_weight, proj_bias)
+
+
+def reduced_kv_attention_sdpa(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """q (B, N, h, d), k/v (B, M, h, d) -> (B, N, h, d) through ``F.scaled_dot_product_attention``."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).contiguous()

@@ -29,3 +29,8 @@ def pytest_collection_modifyitems(config, items):
 def kernel_device(request):
     """A device on which the Triton kernels run (parametrised over CUDA and the interpreter)."""
     return torch.device(request.param)
+
+
+def pytest_runtest_setup(item):
+    if "slow" in item.keywords and not CUDA:
+        pytest.skip("slow sweep: runs natively when CUDA is present")

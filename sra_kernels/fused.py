@@ -1,0 +1,51 @@
+"""The ``triton`` backend: the SRA op composed from the fused custom ops of :mod:`.library`.
+
+Today the q / kv / out projections run as torch matmuls (cuBLAS); the spatial reduction (conv +
+LayerNorm, or the linear pool path) and the attention are our Triton kernels. Heads are column
+slices: q, k and v reach the attention kernel as strided views, never permuted copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .library import reduced_kv_attention_op, spatial_reduce_op
+
+
+def spatial_reduce_triton(x, size, sr_weight, sr_bias, norm_weight, norm_bias, *, sr_ratio, linear, eps):
+    """Fused reduction of tokens x (B, N, C) -> (B, M, C); x itself when sr_ratio == 1 and not linear."""
+    if not linear and sr_ratio == 1:
+        return x
+    C = x.shape[-1]
+    if sr_bias is None:
+        sr_bias = x.new_zeros(C)
+    if norm_weight is None:
+        norm_weight = x.new_ones(C)
+    if norm_bias is None:
+        norm_bias = x.new_zeros(C)
+    H, W = size
+    return spatial_reduce_op(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)[0]
+
+
+def reduced_kv_attention_triton(q, k, v, scale=None):
+    """q (B, N, h, d), k/v (B, M, h, d) -> (B, N, h, d) through the fused attention kernel."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return reduced_kv_attention_op(q, k, v, scale)[0]
+
+
+def sra_attention_triton(
+    x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
+    sr_weight=None, sr_bias=None, norm_weight=None, norm_bias=None,
+    *, num_heads, sr_ratio=1, linear=False, eps=1e-5, scale=None,
+) -> torch.Tensor:
+    """Same arguments and result as :func:`sra_kernels.reference.sra_attention`: (B, N, C) -> (B, N, C)."""
+    B, N, C = x.shape
+    head_dim = C // num_heads
+    q = F.linear(x, q_weight, q_bias).view(B, N, num_heads, head_dim)
+    reduced = spatial_reduce_triton(x, size, sr_weight, sr_bias, norm_weight, norm_bias,
+                                    sr_ratio=sr_ratio, linear=linear, eps=eps)
+    kv = F.linear(reduced, kv_weight, kv_bias).view(B, reduced.shape[1], 2, num_heads, head_dim)
+    out = reduced_kv_attention_triton(q, kv[:, :, 0], kv[:, :, 1], scale)
+    return F.linear(out.view(B, N, C), proj_weight, proj_bias)

@@ -1,0 +1,162 @@
+"""torch.library registration of the fused Triton ops.
+
+Four custom ops in the ``sra_kernels`` namespace, each with a fake (meta) implementation so that
+``torch.compile`` traces them without graph breaks, and FLOP formulas so that
+``torch.utils.flop_counter.FlopCounterMode`` counts them:
+
+* ``spatial_reduce`` / ``spatial_reduce_backward`` -- conv(kernel=stride=sr) + LayerNorm (or the
+  PVTv2 linear pool + 1x1 conv + LayerNorm + GELU) from the (B, N, C) tokens;
+* ``reduced_kv_attention`` / ``reduced_kv_attention_backward`` -- short-KV FlashAttention.
+
+The forward ops carry autograd (``register_autograd``) whose backward calls the backward op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from .ops.attention import attention_backward, attention_forward
+from .ops.spatial_reduce import reduced_size, spatial_reduce_backward, spatial_reduce_forward
+from .reference import LINEAR_POOL_SIZE
+
+ATOMIC_BACKWARD_ENV_VAR = "SRA_KERNELS_ATOMIC_BACKWARD"
+"""Set to 1 to reduce dK/dV with fp32 atomics (less memory, not bit-reproducible)."""
+
+
+# --------------------------------------------------------------------------- spatial reduction
+@torch.library.custom_op("sra_kernels::spatial_reduce", mutates_args=())
+def spatial_reduce_op(
+    x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+    sr_ratio: int, linear: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (B, H*W, C) -> (y (B, M, C), z (B, M, C), mean (B, M), rstd (B, M), pooled (B, 49 or 0, C))."""
+    return spatial_reduce_forward(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
+
+
+@spatial_reduce_op.register_fake
+def _(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps):
+    B, _, C = x.shape
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    M = Hr * Wr
+    stats = x.new_empty((B, M), dtype=torch.float32)
+    pooled = x.new_empty((B, LINEAR_POOL_SIZE ** 2 if linear else 0, C))
+    return x.new_empty((B, M, C)), x.new_empty((B, M, C)), stats, torch.empty_like(stats), pooled
+
+
+@torch.library.custom_op("sra_kernels::spatial_reduce_backward", mutates_args=())
+def spatial_reduce_backward_op(
+    grad_y: Tensor, x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor,
+    norm_bias: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, pooled: Tensor, sr_ratio: int, linear: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias), each shaped like its input."""
+    return spatial_reduce_backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
+                                   z, mean, rstd, pooled, sr_ratio, linear, eps)
+
+
+@spatial_reduce_backward_op.register_fake
+def _(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled, sr_ratio, linear, eps):
+    return (x.new_empty(x.shape), sr_weight.new_empty(sr_weight.shape), sr_bias.new_empty(sr_bias.shape),
+            norm_weight.new_empty(norm_weight.shape), norm_bias.new_empty(norm_bias.shape))
+
+
+def _spatial_reduce_setup_context(ctx, inputs, output):
+    x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps = inputs
+    _, z, mean, rstd, pooled = output
+    ctx.save_for_backward(x, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled)
+    ctx.geometry = (H, W, sr_ratio, linear, eps)
+    ctx.mark_non_differentiable(z, mean, rstd, pooled)
+
+
+def _spatial_reduce_backward(ctx, grad_y, *_unused_grads):
+    x, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
+    H, W, sr_ratio, linear, eps = ctx.geometry
+    dx, dw, db, dnw, dnb = spatial_reduce_backward_op(
+        grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled, sr_ratio, linear, eps
+    )
+    return dx, None, None, dw, db, dnw, dnb, None, None, None
+
+
+spatial_reduce_op.register_autograd(_spatial_reduce_backward, setup_context=_spatial_reduce_setup_context)
+
+
+def _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear) -> int:
+    """2 * B * M * C_out * (C_in * kernel area): the conv as a GEMM over reduced tokens."""
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    c_out, c_in, kh, kw = sr_weight_shape
+    return 2 * x_shape[0] * Hr * Wr * c_out * c_in * kh * kw
+
+
+@register_flop_formula(torch.ops.sra_kernels.spatial_reduce)
+def _(x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
+    sr_ratio, linear = args[3], args[4]
+    return _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear)
+
+
+@register_flop_formula(torch.ops.sra_kernels.spatial_reduce_backward)
+def _(grad_y_shape, x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
+    sr_ratio, linear = args[-3], args[-2]
+    return 2 * _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear)  # grad input + grad weight
+
+
+# --------------------------------------------------------------------------- attention
+@torch.library.custom_op("sra_kernels::reduced_kv_attention", mutates_args=())
+def reduced_kv_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q (B, N, h, d), k/v (B, M, h, d) -> (o (B, N, h, d), lse (B, h, N) fp32)."""
+    return attention_forward(q, k, v, scale)
+
+
+@reduced_kv_attention_op.register_fake
+def _(q, k, v, scale):
+    B, N, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, h, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("sra_kernels::reduced_kv_attention_backward", mutates_args=())
+def reduced_kv_attention_backward_op(
+    grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) shaped like q, k, v (contiguous)."""
+    return attention_backward(grad_o, q, k, v, o, lse, scale, deterministic)
+
+
+@reduced_kv_attention_backward_op.register_fake
+def _(grad_o, q, k, v, o, lse, scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_o, _grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    deterministic = os.environ.get(ATOMIC_BACKWARD_ENV_VAR, "0") != "1"
+    dq, dk, dv = reduced_kv_attention_backward_op(grad_o, q, k, v, o, lse, ctx.scale, deterministic)
+    return dq, dk, dv, None
+
+
+reduced_kv_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _to_bhsd(shape):
+    """(B, L, h, d) -> (B, h, L, d), the layout torch's SDPA FLOP formulas expect."""
+    B, L, h, d = shape
+    return (B, h, L, d)
+
+
+@register_flop_formula(torch.ops.sra_kernels.reduced_kv_attention)
+def _(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(_to_bhsd(q_shape), _to_bhsd(k_shape), _to_bhsd(v_shape))
+
+
+@register_flop_formula(torch.ops.sra_kernels.reduced_kv_attention_backward)
+def _(grad_o_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(_to_bhsd(grad_o_shape), _to_bhsd(q_shape), _to_bhsd(k_shape), _to_bhsd(v_shape))

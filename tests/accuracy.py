@@ -1,0 +1,23 @@
+"""The FlashAttention accuracy rule shared by the kernel tests.
+
+A kernel's error against the float64 reference may be at most twice the error of the same-dtype
+PyTorch reference, plus a small floor relative to the largest reference value.
+"""
+
+import torch
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+"""Error floor per dtype, relative to the largest reference value."""
+
+
+def assert_within_reference_error(name: str, got: torch.Tensor, exact: torch.Tensor, peer: torch.Tensor,
+                                  dtype: torch.dtype) -> None:
+    """got (kernel) vs exact (float64 reference), allowed 2x the error of peer (same-dtype reference)."""
+    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    scale = exact.abs().max().item()
+    err = (got.double() - exact).abs().max().item()
+    peer_err = (peer.double() - exact).abs().max().item()
+    assert err <= 2 * peer_err + FLOOR[dtype] * scale, (
+        f"{name}: error {err:.3g} > 2 x torch {dtype} error {peer_err:.3g} + floor (scale {scale:.3g})"
+    )
