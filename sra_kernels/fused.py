@@ -13,11 +13,24 @@ import torch.nn.functional as F
 from .library import reduced_kv_attention_op, spatial_reduce_op
 
 
+def _autocast_inputs(x, *tensors):
+    """Under autocast, cast x and the conv/norm weights to the autocast dtype, as autocast casts Conv2d.
+
+    (The custom ops are opaque to autocast; the projections are torch Linears, cast by autocast itself.)
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+
+
 def spatial_reduce_triton(x, size, sr_weight, sr_bias, norm_weight, norm_bias, *, sr_ratio, linear, eps):
     """Fused reduction of tokens x (B, N, C) -> (B, M, C); x itself when sr_ratio == 1 and not linear."""
     if not linear and sr_ratio == 1:
         return x
     C = x.shape[-1]
+    x, sr_weight, sr_bias, norm_weight, norm_bias = _autocast_inputs(x, sr_weight, sr_bias, norm_weight, norm_bias)
     if sr_bias is None:
         sr_bias = x.new_zeros(C)
     if norm_weight is None:
@@ -32,6 +45,7 @@ def reduced_kv_attention_triton(q, k, v, scale=None):
     """q (B, N, h, d), k/v (B, M, h, d) -> (B, N, h, d) through the fused attention kernel."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    q, k, v = _autocast_inputs(q, k, v)
     return reduced_kv_attention_op(q, k, v, scale)[0]
 
 

@@ -63,14 +63,20 @@ def test_forward_and_gradients_match_reference(B, H, W, C, heads, sr, linear, dt
         assert_within_reference_error(name, g, e, p, dtype)
 
 
-def test_building_blocks_run_the_kernels(kernel_device, monkeypatch):
-    """spatial_reduce / reduced_kv_attention on backend triton call the custom ops, and match."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that records (launcher name, input dtype) of every forward kernel launch."""
     from sra_kernels import library
 
     calls = []
     for name in ("spatial_reduce_forward", "attention_forward"):
         original = getattr(library, name)
-        monkeypatch.setattr(library, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+        monkeypatch.setattr(library, name, lambda *a, _f=original, _n=name: calls.append((_n, a[0].dtype)) or _f(*a))
+    return calls
+
+
+def test_building_blocks_run_the_kernels(kernel_device, kernel_calls):
+    """spatial_reduce / reduced_kv_attention on backend triton call the custom ops, and match."""
     x, weights = _problem(2, 10, 9, 32, 2, False, kernel_device, torch.float32)
     y = spatial_reduce(x, (10, 9), *weights[6:], sr_ratio=2, backend="triton")
     torch.testing.assert_close(y, spatial_reduce(x, (10, 9), *weights[6:], sr_ratio=2, backend="reference"))
@@ -78,7 +84,7 @@ def test_building_blocks_run_the_kernels(kernel_device, monkeypatch):
     o = reduced_kv_attention(q, k, v, backend="triton")
     torch.testing.assert_close(o, reduced_kv_attention(q, k, v, backend="reference"))
     torch.testing.assert_close(o, reduced_kv_attention(q, k, v, backend="sdpa"))
-    assert calls == ["spatial_reduce_forward", "attention_forward"]
+    assert [name for name, _ in kernel_calls] == ["spatial_reduce_forward", "attention_forward"]
 
 
 def _op_samples(device):
@@ -228,3 +234,17 @@ def test_training_follows_reference_loss_curve(kernel_device):
         curves[backend] = torch.tensor(losses)
     assert curves["triton"][-1] < curves["triton"][0]
     torch.testing.assert_close(curves["triton"], curves["reference"], rtol=1e-3, atol=1e-4)
+
+
+def test_autocast_runs_kernels_in_low_precision(kernel_device, kernel_calls):
+    """Under bf16 autocast the fused ops get bf16 inputs (as autocast casts Conv2d) and match sdpa."""
+    module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=2).to(kernel_device)
+    x = torch.randn(2, 80, 32, device=kernel_device)
+    outputs = {}
+    for backend in ("triton", "sdpa"):
+        module.backend = backend
+        with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+            outputs[backend] = module(x, 8, 10)
+    assert outputs["triton"].dtype == outputs["sdpa"].dtype == torch.bfloat16
+    assert kernel_calls == [("spatial_reduce_forward", torch.bfloat16), ("attention_forward", torch.bfloat16)]
+    torch.testing.assert_close(outputs["triton"].float(), outputs["sdpa"].float(), rtol=0.05, atol=0.05)

@@ -1,0 +1,150 @@
+"""pytest wiring of the benchmarks: the replay timer, session ceilings and results, JSON hooks, summary.
+
+See :mod:`benchmarks` for how calls are timed and how the samples reach pytest-benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from benchmarks import CUDA, REPLAY_CLOCK, Ceilings, device_name, measure_ceilings, median, report, roofline_info
+
+CPU_NOTE = ("CPU run, a smoke run and not the performance result: op rows at 224x224 and batch 1, one pvt_v2_b0 "
+            "model row; 512x512, 800x1333 and the GPU batch sizes are GPU rows; the triton provider runs on CUDA "
+            "only; torch.compile runs one op row. CPU ceilings and timings are rough (bf16 matmuls are slow on "
+            "most CPUs, timings move with the machine's load).")
+
+
+@dataclass
+class Results:
+    """What this session measured or counted, for the JSON hooks and the terminal summary."""
+
+    rows: list[dict] = field(default_factory=list)
+    costs: dict[str, dict] = field(default_factory=dict)
+    ceilings: Ceilings | None = None
+    skips: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str):
+        """Skip the running benchmark, counting ``reason`` for the summary."""
+        self.skips[reason] += 1
+        pytest.skip(reason)
+
+
+RESULTS = pytest.StashKey[Results]()
+
+
+def pytest_configure(config):
+    config.stash[RESULTS] = Results()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every benchmark reports through the replay clock (see :mod:`benchmarks`)."""
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark(timer=REPLAY_CLOCK))
+
+
+@pytest.fixture(scope="session")
+def results(request) -> Results:
+    return request.config.stash[RESULTS]
+
+
+@pytest.fixture(scope="session")
+def ceilings(results) -> Ceilings:
+    """Copy bandwidth and matmul rates of this device, measured once per session."""
+    results.ceilings = measure_ceilings()
+    return results.ceilings
+
+
+@pytest.fixture
+def record(benchmark, results, ceilings):
+    """``record(case, provider, samples, cost=None, **info) -> row``: replay the samples into
+    pytest-benchmark and fill its ``extra_info`` with ``info``, the median and, when ``cost`` (an
+    ``SRACost``) is given, the achieved rates against the ceilings. ``case`` groups the providers."""
+
+    def _record(case: str, provider: str, samples: list[float], cost=None, **info) -> dict:
+        benchmark.group = case
+        REPLAY_CLOCK.replay(benchmark, samples)
+        row = benchmark.extra_info
+        row.update(case=case, provider=provider, device=device_name(), median_ms=median(samples) * 1e3,
+                   samples=len(samples), **info)
+        if cost is not None:
+            row.update(roofline_info(cost, median(samples), ceilings))
+        results.rows.append(row)
+        return row
+
+    return _record
+
+
+def _git_commit() -> str:
+    """``$SRA_GIT_COMMIT`` when set (a copy without .git), else ``git rev-parse HEAD``."""
+    if os.environ.get("SRA_GIT_COMMIT"):
+        return os.environ["SRA_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    from sra_kernels import available_backends
+
+    machine_info.update(
+        device=device_name(), torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
+        git_commit=_git_commit(), sra_kernels_backends=available_backends(),
+        timing=("triton.testing.do_bench CUDA-event samples, L2 flushed, inputs rotated" if CUDA
+                else "time.perf_counter samples after a warm-up call"),
+    )
+    if config.stash[RESULTS].ceilings is not None:
+        machine_info.update(config.stash[RESULTS].ceilings.as_info())
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    if commit_info.get("id") in (None, "unknown", "unversioned"):
+        commit_info["id"] = _git_commit()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Speedups need every provider of a case: compute them now, before the JSON is written."""
+    report.add_speedups([b["extra_info"] for b in output_json["benchmarks"] if "case" in b["extra_info"]])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    results = config.stash[RESULTS]
+    if not results.costs and not results.rows:
+        return
+    report.add_speedups(results.rows)
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("=", f"sra-kernels benchmarks on {device_name()}")
+    if not CUDA:
+        write(CPU_NOTE)
+    if results.ceilings is not None:
+        write(f"measured ceilings: {results.ceilings.as_info()}")
+    if results.costs:
+        write("\nSRA op, analytic cost per call at the GPU batch (sra_kernels/cost.py: FLOPs of matmuls and convs, "
+              "multiply-add = 2; bytes of the fused ideal and of the eager sequence; scores = one (B, h, N, M) "
+              "matrix):")
+        write(report.cost_table(list(results.costs.values())))
+    for kind in ("op", "model"):
+        if any(row["kind"] == kind for row in results.rows):
+            write(f"\n{kind} timings (median ms):")
+            write(report.op_table(results.rows) if kind == "op" else report.model_table(results.rows))
+            if any(row["kind"] == kind and row.get("peak_mem_mb") is not None for row in results.rows):
+                write(f"\n{kind} peak memory (MB above the inputs):")
+                write(report.memory_table(results.rows, kind))
+    for reason, count in sorted(results.skips.items()):
+        write(f"skipped {count}: {reason}")
