@@ -1,0 +1,1 @@
+"""Fused Triton kernels, one file per op family."""

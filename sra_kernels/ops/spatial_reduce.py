@@ -1,0 +1,506 @@
+"""Fused spatial reduction of PVT attention: Triton forward and backward kernels and their launchers.
+
+Strided mode (sr_ratio > 1): y = LayerNorm(Conv2d(C, C, kernel=stride=sr)(image) + bias), computed straight
+from the tokens x (B, N=H*W, C) as an implicit patch GEMM. Reduced token (i, j) reads the patch of tokens
+(i*sr + kh)*W + j*sr + kw (all channels), i.e. sr rows of sr*C contiguous values; with the conv weight laid
+out tap-major as (sr, sr, C_in, C_out) = (K = sr*sr*C, C) the conv is patches (M, K) @ weight (K, C).
+Trailing rows/columns (H, W not multiples of sr) are never read, as in Conv2d.
+
+Linear mode (PVTv2 linear SRA): y = GELU(LayerNorm(Conv1x1(AdaptiveAvgPool2d(7)(image)) + bias)). A pooling
+kernel writes the (B, 49, C) pooled tokens; the same GEMM + LayerNorm kernel then runs on them with sr = 1.
+
+Backward: one kernel recomputes the LayerNorm (and GELU) backward per row block from the saved conv output
+z and mean/rstd, writes dz and per-program partial sums of the norm/bias gradients, and multiplies dz by the
+weight into the patch (or pooled) gradient. Patches do not overlap, so the strided-mode dx is a plain
+scatter; pooled gradients are gathered into dx by a second kernel (each token sums the <= CELLS_H * CELLS_W
+windows containing it). The conv weight gradient is patches^T @ dz, one program per output tile and token
+range. Every reduction is a fixed-order sum of per-program partials: no atomics, bit-identical reruns.
+Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 dots (never TF32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import LINEAR_POOL_SIZE
+
+_UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's interpreter mis-handles bf16 dot operands: upcast them to fp32 there (only there)."""
+
+_TARGET_PROGRAMS = 528
+"""Programs a reduction grid should offer before it is split further: 4 waves of an H100's 132 SMs."""
+
+_alloc = torch.empty
+"""Allocator of every kernel-written buffer (tests swap in a NaN-filled one to prove full coverage)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32; fp32 operands use IEEE fp32 (no TF32)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _patch_origin(b, m, Wr, W_img, stride_b, stride_n, SR: tl.constexpr):
+    """int64 offset of the first tap of reduced token m = i*Wr + j of image b: token (i*SR)*W + j*SR."""
+    i = m // Wr
+    j = m - i * Wr
+    token = (i * SR * W_img + j * SR).to(tl.int64)
+    return b.to(tl.int64) * stride_b + token * stride_n
+
+
+@triton.jit
+def _k_step(s, n_chunks, W_img, stride_n, SR: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step s = tap * n_chunks + chunk of the K loop (K = SR*SR*C, tap = kh*SR + kw, BLOCK_K-channel chunks).
+
+    Returns (tap, int64 offset (kh*W + kw)*stride_n of the tap's token in a patch, first channel of the chunk).
+    """
+    tap = s // n_chunks
+    kh = tap // SR
+    kw = tap - kh * SR
+    return tap, (kh * W_img + kw).to(tl.int64) * stride_n, (s - tap * n_chunks) * BLOCK_K
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _adaptive_pool_kernel(
+    x_ptr, out_ptr,
+    H, W, C,
+    stride_xb, stride_xn, stride_xc,
+    P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out (B, P*P, C) = AdaptiveAvgPool2d(P) of x (B, H*W, C); one program per (image, cell, channel block).
+
+    Cell (pi, pj) averages rows [floor(pi*H/P), ceil((pi+1)*H/P)) and the same columns of W.
+    """
+    cell = tl.program_id(0)
+    b = cell // (P * P)
+    pi = (cell % (P * P)) // P
+    pj = cell % P
+    h0 = (pi * H) // P
+    h1 = ((pi + 1) * H + P - 1) // P
+    w0 = (pj * W) // P
+    w1 = ((pj + 1) * W + P - 1) // P
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    base = x_ptr + b.to(tl.int64) * stride_xb + c[None, :] * stride_xc
+    acc = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+    for h in range(h0, h1):
+        for ws in range(w0, w1, BLOCK_W):
+            w = ws + tl.arange(0, BLOCK_W)
+            token = (h * W + w).to(tl.int64)
+            v = tl.load(base + token[:, None] * stride_xn, mask=(w < w1)[:, None] & c_mask[None, :], other=0.0)
+            acc += v.to(tl.float32)
+    mean = tl.sum(acc, axis=0) / ((h1 - h0) * (w1 - w0)).to(tl.float32)
+    tl.store(out_ptr + cell.to(tl.int64) * C + c, mean.to(out_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _reduce_norm_fwd_kernel(
+    a_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr,
+    y_ptr, z_ptr, mean_ptr, rstd_ptr,
+    M, Wr, W_img, C, num_m_blocks, eps,
+    stride_ab, stride_an, stride_ac,
+    SR: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Patch GEMM + bias + LayerNorm (+ GELU) of BLOCK_M reduced tokens of one image.
+
+    a: source tokens (B, L, C) of an image W_img wide, read through its strides; w: (SR*SR*C, C) tap-major.
+    Writes y (B, M, C) and the conv output z (B, M, C) in a's dtype, mean and rstd (B, M) in fp32.
+    """
+    pid = tl.program_id(0)
+    b = pid // num_m_blocks
+    m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    ck = tl.arange(0, BLOCK_K)
+    patches = a_ptr + _patch_origin(b, m, Wr, W_img, stride_ab, stride_an, SR)
+    n_chunks = tl.cdiv(C, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for s in range(0, SR * SR * n_chunks):
+        tap, tap_offset, c0 = _k_step(s, n_chunks, W_img, stride_an, SR, BLOCK_K)
+        ci = c0 + ck
+        ci_mask = ci < C
+        a = tl.load(patches[:, None] + (tap_offset + ci * stride_ac)[None, :],
+                    mask=m_mask[:, None] & ci_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + (tap * C + ci)[:, None] * C + c[None, :], mask=ci_mask[:, None] & c_mask[None, :],
+                    other=0.0)
+        acc = _mma(a, w, acc, UPCAST)
+
+    z = acc + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mean = tl.sum(z, axis=1) / C
+    diff = tl.where(c_mask[None, :], z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    gamma = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    out = diff * rstd[:, None] * gamma[None, :] + beta[None, :]
+    if GELU:
+        out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
+
+    row = b.to(tl.int64) * M + m
+    offs = row[:, None] * C + c[None, :]
+    mask = m_mask[:, None] & c_mask[None, :]
+    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean, mask=m_mask)
+    tl.store(rstd_ptr + row, rstd, mask=m_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _reduce_norm_bwd_input_kernel(
+    gy_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, w_ptr,
+    dz_ptr, da_ptr, part_ptr,
+    M, Wr, W_img, C, num_m_blocks, num_row_programs, steps_per_split,
+    stride_gb, stride_gm, stride_gc,
+    stride_db, stride_dn, stride_dc,
+    SR: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """LayerNorm (+ GELU) backward of BLOCK_M rows, then da = dz @ w^T for this program's split of the K steps.
+
+    gy: (B, M, C) through its strides; z (B, M, C), mean/rstd (B, M) from the forward; w (SR*SR*C, C) tap-major.
+    Program (row block, 0) also writes dz (B, M, C) and rows [pid] of part (3, num_row_programs, C) fp32:
+    the block's column sums of gy*xhat, gy (after GELU backward) and dz. da is scattered into the patches
+    through its strides (they never overlap).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b = pid // num_m_blocks
+    m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mask = m_mask[:, None] & c_mask[None, :]
+
+    row = b.to(tl.int64) * M + m
+    offs = row[:, None] * C + c[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + row, mask=m_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + row, mask=m_mask, other=0.0)
+    g_rows = gy_ptr + b.to(tl.int64) * stride_gb + m.to(tl.int64) * stride_gm
+    gy = tl.load(g_rows[:, None] + c[None, :] * stride_gc, mask=mask, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    if GELU:
+        u = xhat * gamma[None, :] + tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+        gy = gy * (cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327)
+    dxhat = gy * gamma[None, :]
+    c1 = tl.sum(dxhat * xhat, axis=1) / C
+    c2 = tl.sum(dxhat, axis=1) / C
+    dz = tl.where(mask, (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+
+    if pid_k == 0:
+        tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        part = part_ptr + pid * C + c
+        tl.store(part, tl.sum(gy * xhat, axis=0), mask=c_mask)
+        tl.store(part + num_row_programs * C, tl.sum(gy, axis=0), mask=c_mask)
+        tl.store(part + 2 * num_row_programs * C, tl.sum(dz, axis=0), mask=c_mask)
+
+    dz = dz.to(w_ptr.dtype.element_ty)
+    ck = tl.arange(0, BLOCK_K)
+    patches = da_ptr + _patch_origin(b, m, Wr, W_img, stride_db, stride_dn, SR)
+    n_chunks = tl.cdiv(C, BLOCK_K)
+    s_start = pid_k * steps_per_split
+    s_end = tl.minimum(s_start + steps_per_split, SR * SR * n_chunks)
+    for s in range(s_start, s_end):
+        tap, tap_offset, c0 = _k_step(s, n_chunks, W_img, stride_dn, SR, BLOCK_K)
+        ci = c0 + ck
+        ci_mask = ci < C
+        w_t = tl.load(w_ptr + (tap * C + ci)[None, :] * C + c[:, None], mask=c_mask[:, None] & ci_mask[None, :],
+                      other=0.0)
+        da = _mma(dz, w_t, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), UPCAST)
+        tl.store(patches[:, None] + (tap_offset + ci * stride_dc)[None, :], da.to(da_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & ci_mask[None, :])
+
+
+@triton.jit
+def _conv_weight_grad_kernel(
+    a_ptr, dz_ptr, part_ptr,
+    T, M, Wr, W_img, C, t_per_split,
+    stride_ab, stride_an, stride_ac,
+    SR: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """part[split] (SR*SR*C, C) fp32 = patches^T @ dz over the reduced tokens t = b*M + m of the token split.
+
+    Program (step, n block, split) owns rows tap*C + [c0, c0 + BLOCK_K) and columns [n0, n0 + BLOCK_N).
+    a: tokens read through its strides (patches as in the forward); dz: (T = B*M, C) contiguous.
+    """
+    tap, tap_offset, c0 = _k_step(tl.program_id(0), tl.cdiv(C, BLOCK_K), W_img, stride_an, SR, BLOCK_K)
+    ci = c0 + tl.arange(0, BLOCK_K)
+    ci_mask = ci < C
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < C
+    split = tl.program_id(2)
+    taps = a_ptr + tap_offset + ci * stride_ac
+    acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+    t_start = split * t_per_split
+    for t0 in range(t_start, tl.minimum(t_start + t_per_split, T), BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = t < T
+        b = t // M
+        origin = _patch_origin(b, t - b * M, Wr, W_img, stride_ab, stride_an, SR)
+        a = tl.load(taps[:, None] + origin[None, :], mask=ci_mask[:, None] & t_mask[None, :], other=0.0)
+        d = tl.load(dz_ptr + t.to(tl.int64)[:, None] * C + n[None, :], mask=t_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        acc = _mma(a, d, acc, UPCAST)
+    k = tap * C + ci
+    offs = split.to(tl.int64) * (SR * SR * C) * C + k.to(tl.int64)[:, None] * C + n[None, :]
+    tl.store(part_ptr + offs, acc, mask=ci_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _adaptive_pool_bwd_kernel(
+    dp_ptr, dx_ptr,
+    N, H, W, C, num_n_blocks,
+    P: tl.constexpr, CELLS_H: tl.constexpr, CELLS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx (B, N, C) contiguous = sum over the pooling cells containing each token of dp (B, P*P, C) / area.
+
+    Token row h lies in cells floor(P*h/H) .. floor((P*h + P-1)/H) (at most CELLS_H of them), likewise columns.
+    """
+    pid = tl.program_id(0)
+    b = pid // num_n_blocks
+    t = (pid % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask = t < N
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    h = t // W
+    w = t - h * W
+    ph_lo = (P * h) // H
+    ph_hi = tl.minimum((P * h + P - 1) // H, P - 1)
+    pw_lo = (P * w) // W
+    pw_hi = tl.minimum((P * w + P - 1) // W, P - 1)
+    dp = dp_ptr + b.to(tl.int64) * (P * P * C)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    for di in tl.static_range(CELLS_H):
+        ph = ph_lo + di
+        rows = ((ph + 1) * H + P - 1) // P - (ph * H) // P
+        for dj in tl.static_range(CELLS_W):
+            pw = pw_lo + dj
+            cols = ((pw + 1) * W + P - 1) // P - (pw * W) // P
+            valid = t_mask & (ph <= ph_hi) & (pw <= pw_hi)
+            cells = dp + (ph * P + pw) * C
+            g = tl.load(cells[:, None] + c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
+            acc += g.to(tl.float32) * (1.0 / (rows * cols).to(tl.float32))[:, None]
+    dx = dx_ptr + (b.to(tl.int64) * N + t) * C
+    tl.store(dx[:, None] + c[None, :], acc.to(dx_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch heuristics (valid on sm_80 and sm_90: num_warps in {4, 8}, num_stages <= 3, blocks >= 16)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _channel_block(C: int, elem_size: int) -> int:
+    """Channels per K-loop chunk: the largest power of two in [16, 64] (32 for fp32) dividing C, else 16."""
+    block = 64 if elem_size == 2 else 32
+    while block > 16 and C % block:
+        block //= 2
+    return block
+
+
+def _row_config(C: int, elem_size: int, tile: int) -> dict:
+    """Launch parameters of a row kernel: BLOCK_M rows x the whole channel row (BLOCK_C >= C), <= `tile` elements."""
+    block_c = max(16, triton.next_power_of_2(C))
+    block_m = max(16, min(64, tile // block_c))
+    block_k = _channel_block(C, elem_size)
+    stage_bytes = (block_m + block_c) * block_k * elem_size
+    return dict(
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c,
+        num_warps=8 if block_m * block_c >= 4096 else 4,
+        num_stages=3 if 3 * stage_bytes <= 96 * 1024 else 2,
+    )
+
+
+def _weight_grad_config(C: int, elem_size: int) -> dict:
+    """Launch parameters of the weight-gradient kernel: (BLOCK_K x BLOCK_N) output tiles, BLOCK_T tokens a step."""
+    block_k = _channel_block(C, elem_size)
+    block_n = min(128 if elem_size == 2 else 64, max(16, triton.next_power_of_2(C)))
+    return dict(
+        BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_T=64 if elem_size == 2 else 32,
+        num_warps=8 if block_k * block_n >= 4096 else 4, num_stages=3,
+    )
+
+
+def _split(total: int, block: int, tiles: int) -> tuple[int, int]:
+    """Split `total` items (in blocks) so that tiles * splits approaches _TARGET_PROGRAMS: (per_split, splits)."""
+    blocks = triton.cdiv(total, block)
+    splits = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, tiles)))
+    per_split = triton.cdiv(blocks, splits) * block
+    return per_split, triton.cdiv(total, per_split)
+
+
+def reduced_size(H: int, W: int, sr_ratio: int, linear: bool) -> tuple[int, int]:
+    """Grid (H', W') of the reduced tokens: (7, 7) in linear mode, else (H // sr, W // sr); M = H' * W'."""
+    if linear:
+        return LINEAR_POOL_SIZE, LINEAR_POOL_SIZE
+    return H // sr_ratio, W // sr_ratio
+
+
+def _tap_major(sr_weight: torch.Tensor) -> torch.Tensor:
+    """Conv weight (C_out, C_in, k, k) -> (k*k*C_in, C_out): row (kh*k + kw)*C_in + ci."""
+    c_out = sr_weight.shape[0]
+    return sr_weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def _conv_geometry(x, pooled, W, sr_ratio, linear):
+    """(source tokens, their image width, conv stride) of the patch GEMM: pooled 7x7 tokens in linear mode."""
+    if linear:
+        return pooled, LINEAR_POOL_SIZE, 1
+    return x, W, sr_ratio
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def spatial_reduce_forward(
+    x: torch.Tensor, H: int, W: int,
+    sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+    sr_ratio: int, linear: bool, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spatial reduction of tokens x (B, N = H*W, C), any strides; fp32 / fp16 / bf16.
+
+    sr_weight (C, C, sr, sr), or (C, C, 1, 1) in linear mode; sr_bias, norm_weight, norm_bias (C,).
+    Returns (y, z, mean, rstd, pooled):
+        y: (B, M, C) x.dtype, M = (H // sr) * (W // sr), or 49 in linear mode;
+        z: (B, M, C) x.dtype, the conv output (before the LayerNorm);
+        mean, rstd: (B, M) fp32 LayerNorm statistics;
+        pooled: (B, 49, C) x.dtype, the pooled tokens in linear mode; (B, 0, C) otherwise.
+    The last four are what :func:`spatial_reduce_backward` needs.
+    """
+    if not linear and sr_ratio <= 1:
+        raise ValueError(f"sr_ratio must be > 1 outside linear mode (sr_ratio 1 is the identity), got {sr_ratio}")
+    B, _, C = x.shape
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    M = Hr * Wr
+    dev = x.device
+    y = _alloc((B, M, C), dtype=x.dtype, device=dev)
+    z = _alloc((B, M, C), dtype=x.dtype, device=dev)
+    mean = _alloc((B, M), dtype=torch.float32, device=dev)
+    rstd = _alloc((B, M), dtype=torch.float32, device=dev)
+    pooled = _alloc((B, LINEAR_POOL_SIZE ** 2 if linear else 0, C), dtype=x.dtype, device=dev)
+    if y.numel() == 0:
+        return y, z, mean, rstd, pooled
+
+    if linear:
+        block_c = min(128, max(16, triton.next_power_of_2(C)))
+        _adaptive_pool_kernel[(B * M, triton.cdiv(C, block_c))](
+            x, pooled, H, W, C, *x.stride(),
+            P=LINEAR_POOL_SIZE, BLOCK_W=16, BLOCK_C=block_c, num_warps=4,
+        )
+    src, src_w, sr = _conv_geometry(x, pooled, W, sr_ratio, linear)
+    cfg = _row_config(C, x.element_size(), tile=8192)
+    num_m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    _reduce_norm_fwd_kernel[(B * num_m_blocks,)](
+        src, _tap_major(sr_weight), sr_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(),
+        y, z, mean, rstd,
+        M, Wr, src_w, C, num_m_blocks, eps,
+        *src.stride(),
+        SR=sr, GELU=linear, UPCAST=_UPCAST, **cfg,
+    )
+    return y, z, mean, rstd, pooled
+
+
+def spatial_reduce_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, H: int, W: int,
+    sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+    z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor,
+    sr_ratio: int, linear: bool, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`spatial_reduce_forward`; grad_y (B, M, C) any strides; z .. pooled as it returned.
+
+    Returns (dx (B, N, C) contiguous, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias), each with the
+    shape and dtype of its input. Tokens the strided conv never reads get dx exactly 0. Deterministic.
+    """
+    if not linear and sr_ratio <= 1:
+        raise ValueError(f"sr_ratio must be > 1 outside linear mode (sr_ratio 1 is the identity), got {sr_ratio}")
+    B, N, C = x.shape
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    M = Hr * Wr
+    dev = x.device
+    dx = _alloc((B, N, C), dtype=x.dtype, device=dev)
+    if B * M == 0:
+        return (dx.zero_(), torch.zeros_like(sr_weight), torch.zeros_like(sr_bias),
+                torch.zeros_like(norm_weight), torch.zeros_like(norm_bias))
+    z, mean, rstd = z.contiguous(), mean.contiguous(), rstd.contiguous()
+    src, src_w, sr = _conv_geometry(x, pooled.contiguous(), W, sr_ratio, linear)
+    w_t = _tap_major(sr_weight)
+
+    # LayerNorm (+ GELU) backward, norm/bias partials, and da = dz @ w^T into the patches (dx) or pooled cells.
+    cfg = _row_config(C, x.element_size(), tile=4096)
+    num_m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    rows = B * num_m_blocks
+    steps_per_split, k_splits = _split(sr * sr * triton.cdiv(C, cfg["BLOCK_K"]), 1, rows)
+    dz = _alloc((B, M, C), dtype=x.dtype, device=dev)
+    da = _alloc((B, M, C), dtype=torch.float32, device=dev) if linear else dx
+    norm_part = _alloc((3, rows, C), dtype=torch.float32, device=dev)
+    _reduce_norm_bwd_input_kernel[(rows, k_splits)](
+        grad_y, z, mean, rstd, norm_weight.contiguous(), norm_bias.contiguous(), w_t,
+        dz, da, norm_part,
+        M, Wr, src_w, C, num_m_blocks, rows, steps_per_split,
+        *grad_y.stride(), *da.stride(),
+        SR=sr, GELU=linear, UPCAST=_UPCAST, **cfg,
+    )
+
+    # Conv weight gradient: patches^T @ dz, split over tokens, partials summed in a fixed order.
+    cfg = _weight_grad_config(C, x.element_size())
+    grid_k, grid_n = sr * sr * triton.cdiv(C, cfg["BLOCK_K"]), triton.cdiv(C, cfg["BLOCK_N"])
+    t_per_split, t_splits = _split(B * M, cfg["BLOCK_T"], grid_k * grid_n)
+    w_part = _alloc((t_splits, sr * sr * C, C), dtype=torch.float32, device=dev)
+    _conv_weight_grad_kernel[(grid_k, grid_n, t_splits)](
+        src, dz, w_part,
+        B * M, M, Wr, src_w, C, t_per_split,
+        *src.stride(),
+        SR=sr, UPCAST=_UPCAST, **cfg,
+    )
+    d_sr_weight = w_part.sum(0).view(sr, sr, C, C).permute(3, 2, 0, 1).to(sr_weight.dtype).contiguous()
+    d_norm_weight, d_norm_bias, d_sr_bias = (norm_part[i].sum(0) for i in range(3))
+
+    if linear:
+        P = LINEAR_POOL_SIZE
+        block_n, block_c = 16, min(64, max(16, triton.next_power_of_2(C)))
+        num_n_blocks = triton.cdiv(N, block_n)
+        _adaptive_pool_bwd_kernel[(B * num_n_blocks, triton.cdiv(C, block_c))](
+            da, dx, N, H, W, C, num_n_blocks,
+            P=P, CELLS_H=min(P, triton.cdiv(P, H) + 1), CELLS_W=min(P, triton.cdiv(P, W) + 1),
+            BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
+        )
+    else:
+        image = dx.view(B, H, W, C)
+        image[:, Hr * sr:].zero_()
+        image[:, : Hr * sr, Wr * sr:].zero_()
+    return (dx, d_sr_weight, d_sr_bias.to(sr_bias.dtype), d_norm_weight.to(norm_weight.dtype),
+            d_norm_bias.to(norm_bias.dtype))

@@ -1,0 +1,217 @@
+"""The Triton spatial-reduction kernels (ops/spatial_reduce.py), forward and backward, against the float64 reference.
+
+Each case draws fresh random inputs, runs the kernels directly (every kernel-written buffer poisoned with NaN
+first), and compares the output and all five gradients with torch.autograd on
+:func:`sra_kernels.reference.spatial_reduction` in float64. The kernel's error must be at most 2x the error of
+the same-dtype PyTorch reference, plus a small floor (both errors relative to the largest reference value).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sra_kernels import reference
+from sra_kernels.ops import spatial_reduce as sr_ops
+
+EPS = 1e-5
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+"""Error floor per dtype relative to the largest reference value: about one rounding of the output
+(Triton's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest)."""
+
+NAMES = ("y", "dx", "d_sr_weight", "d_sr_bias", "d_norm_weight", "d_norm_bias")
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_strict_fp32(monkeypatch):
+    """Every kernel-written buffer starts full of NaN (an element left unwritten shows up), and the fp32
+    PyTorch peer runs in true fp32 on CUDA (no TF32), so the 2x rule stays meaningful there."""
+    monkeypatch.setattr(
+        sr_ops, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _problem(B, H, W, C, sr, linear, dtype, device):
+    """Random inputs (x, sr_weight, sr_bias, norm_weight, norm_bias) and grad_y, rounded to dtype, on device."""
+    k = 1 if linear else sr
+    Hr, Wr = sr_ops.reduced_size(H, W, sr, linear)
+    tensors = (
+        torch.randn(B, H * W, C, dtype=torch.float64),
+        torch.randn(C, C, k, k, dtype=torch.float64) / (C * k * k) ** 0.5,
+        0.5 * torch.randn(C, dtype=torch.float64),
+        1.0 + 0.5 * torch.randn(C, dtype=torch.float64),
+        0.5 * torch.randn(C, dtype=torch.float64),
+        torch.randn(B, Hr * Wr, C, dtype=torch.float64),
+    )
+    *inputs, grad = (t.to(device=device, dtype=dtype) for t in tensors)
+    return inputs, grad
+
+
+def _kernels(inputs, grad, H, W, sr, linear):
+    """(y, saved tensors, gradients) from the Triton launchers."""
+    x, *params = inputs
+    y, *saved = sr_ops.spatial_reduce_forward(x, H, W, *params, sr, linear, EPS)
+    grads = sr_ops.spatial_reduce_backward(grad, x, H, W, *params, *saved, sr, linear, EPS)
+    return y, saved, grads
+
+
+def _torch(inputs, grad, H, W, sr, linear, dtype):
+    """(y, *gradients) of the PyTorch reference run in dtype."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    y = reference.spatial_reduction(
+        leaves[0], (H, W), *leaves[1:], sr_ratio=sr, linear=linear, eps=EPS
+    )
+    return (y, *torch.autograd.grad(y, leaves, grad.to(dtype)))
+
+
+def _check(B, H, W, C, sr, linear, dtype, device):
+    inputs, grad = _problem(B, H, W, C, sr, linear, dtype, device)
+    y, (z, mean, rstd, pooled), grads = _kernels(inputs, grad, H, W, sr, linear)
+    exact = _torch(inputs, grad, H, W, sr, linear, torch.float64)
+    same_dtype = _torch(inputs, grad, H, W, sr, linear, dtype)
+    for name, got, want, peer, like in zip(NAMES, (y, *grads), exact, same_dtype, (y, *inputs)):
+        assert got.shape == want.shape and got.dtype == like.dtype, name
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        scale = want.abs().max().item()
+        err = (got.double() - want).abs().max().item()
+        peer_err = (peer.double() - want).abs().max().item()
+        assert err <= 2 * peer_err + FLOOR[dtype] * scale, (
+            f"{name}: error {err:.3g} > 2 x torch {dtype} error {peer_err:.3g} + floor (scale {scale:.3g})"
+        )
+    assert z.dtype == dtype and mean.dtype == rstd.dtype == torch.float32 and pooled.dtype == dtype
+    assert pooled.shape == (B, 49 if linear else 0, C)
+    x64, w64, b64 = (t.double() for t in inputs[:3])
+    ulp = torch.finfo(dtype).eps  # saved activations are rounded to dtype (truncated in the interpreter)
+    if linear:  # the conv reads the pooled tokens rounded to dtype, as PyTorch's does
+        pooled64 = reference.image_to_tokens(
+            torch.nn.functional.adaptive_avg_pool2d(reference.tokens_to_image(x64, (H, W)), 7)
+        )
+        torch.testing.assert_close(pooled.double(), pooled64, rtol=ulp, atol=1e-6)
+        z64 = torch.nn.functional.linear(pooled.double(), w64.flatten(1), b64)
+    else:
+        image = torch.nn.functional.conv2d(reference.tokens_to_image(x64, (H, W)), w64, b64, stride=sr)
+        z64 = reference.image_to_tokens(image)
+    torch.testing.assert_close(z.double(), z64, rtol=ulp, atol=1e-5 * z64.abs().max().item())
+    torch.testing.assert_close(mean.double(), z64.mean(-1), rtol=0, atol=1e-5 * z64.abs().max().item())
+    rstd64 = (z64.var(-1, unbiased=False) + EPS).rsqrt()
+    torch.testing.assert_close(rstd.double(), rstd64, rtol=1e-5, atol=0)
+
+
+STRIDED_CASES = [  # B, H, W, C, sr
+    (1, 9, 11, 32, 2),
+    (2, 9, 11, 64, 4),
+    (1, 17, 15, 32, 8),
+    (2, 8, 8, 96, 2),
+    (1, 6, 10, 80, 2),
+    (1, 5, 4, 160, 2),
+    (1, 10, 8, 40, 3),  # odd ratio, C not a multiple of the channel chunk
+]
+LINEAR_CASES = [  # B, H, W, C
+    (1, 7, 7, 32),
+    (2, 9, 12, 64),
+    (1, 5, 6, 96),
+    (1, 15, 15, 80),
+    (1, 3, 2, 32),
+    (1, 1, 9, 16),  # H = 1: row 0 lies in all 7 cells
+]
+LOW_PRECISION_CASES = [  # B, H, W, C, sr, linear
+    (2, 9, 11, 32, 2, False),
+    (1, 17, 15, 32, 8, False),
+    (1, 9, 12, 32, 1, True),
+    (1, 5, 6, 48, 1, True),
+]
+
+
+@pytest.mark.parametrize("B,H,W,C,sr", STRIDED_CASES)
+def test_strided_matches_reference(B, H, W, C, sr, kernel_device):
+    _check(B, H, W, C, sr, False, torch.float32, kernel_device)
+
+
+@pytest.mark.parametrize("B,H,W,C", LINEAR_CASES)
+def test_linear_matches_reference(B, H, W, C, kernel_device):
+    _check(B, H, W, C, 1, True, torch.float32, kernel_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,H,W,C,sr,linear", LOW_PRECISION_CASES)
+def test_low_precision_matches_reference(B, H, W, C, sr, linear, dtype, kernel_device):
+    _check(B, H, W, C, sr, linear, dtype, kernel_device)
+
+
+def test_unread_tokens_get_exactly_zero_gradient(kernel_device):
+    B, H, W, C, sr = 2, 9, 11, 32, 4  # the conv reads rows 0..7 and columns 0..7
+    inputs, grad = _problem(B, H, W, C, sr, False, torch.float32, kernel_device)
+    dx = _kernels(inputs, grad, H, W, sr, False)[2][0].view(B, H, W, C)
+    assert (dx[:, 8:] == 0).all() and (dx[:, :, 8:] == 0).all()
+    assert (dx[:, :8, :8] != 0).all()
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["strided", "linear"])
+def test_non_contiguous_inputs(linear, kernel_device):
+    """x as a channel-strided view, or x and grad_y as transposed tensors: bit-identical results."""
+    B, H, W, C, sr = 2, 9, 11, 32, 2
+    inputs, grad = _problem(B, H, W, C, sr, linear, torch.float32, kernel_device)
+    x = inputs[0]
+    wide = torch.zeros(B, H * W, 2 * C, device=kernel_device)
+    wide[..., ::2] = x
+
+    def transposed(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    expected = _kernels(inputs, grad, H, W, sr, linear)
+    for view, grad_view in ((wide[..., ::2], grad), (transposed(x), transposed(grad))):
+        assert not view.is_contiguous()
+        got = _kernels([view, *inputs[1:]], grad_view, H, W, sr, linear)
+        for a, b in zip((got[0], *got[1], *got[2]), (expected[0], *expected[1], *expected[2])):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["strided", "linear"])
+def test_backward_is_deterministic(linear, kernel_device):
+    B, H, W, C, sr = 2, 9, 11, 32, 4
+    inputs, grad = _problem(B, H, W, C, sr, linear, torch.float32, kernel_device)
+    first, second = (_kernels(inputs, grad, H, W, sr, linear)[2] for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["strided", "linear"])
+def test_empty_batch_launches_nothing(linear, monkeypatch, kernel_device):
+    for name in dir(sr_ops):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(sr_ops, name, None)  # subscripting None raises: any launch fails
+    H, W, C, sr = 9, 11, 32, 2
+    inputs, grad = _problem(0, H, W, C, sr, linear, torch.float32, kernel_device)
+    y, saved, grads = _kernels(inputs, grad, H, W, sr, linear)
+    assert y.shape == (0, 49 if linear else 20, C)
+    for g, like in zip(grads, inputs):
+        assert g.shape == like.shape and g.dtype == like.dtype and (g == 0).all()
+
+
+def test_identity_ratio_is_rejected():
+    inputs, _ = _problem(1, 4, 4, 16, 1, False, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="sr_ratio"):
+        sr_ops.spatial_reduce_forward(inputs[0], 4, 4, *inputs[1:], 1, False, EPS)
+
+
+NATIVE_CASES = [  # B, H, W, C, sr, linear: PVT stages at 224x224 and odd high-resolution shapes
+    (8, 56, 56, 64, 8, False),
+    (8, 28, 28, 128, 4, False),
+    (8, 14, 14, 320, 2, False),
+    (2, 130, 97, 64, 8, False),
+    (2, 33, 50, 512, 2, False),
+    (8, 56, 56, 64, 1, True),
+    (4, 28, 28, 128, 1, True),
+    (2, 33, 41, 320, 1, True),
+    (2, 6, 5, 512, 1, True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="native sweep needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,H,W,C,sr,linear", NATIVE_CASES)
+def test_native_sweep(B, H, W, C, sr, linear, dtype):
+    _check(B, H, W, C, sr, linear, dtype, torch.device("cuda"))
