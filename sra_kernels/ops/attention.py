@@ -1,0 +1,422 @@
+"""Short-KV FlashAttention for PVT spatial-reduction attention: forward and backward Triton kernels.
+
+Shapes: q (B, N, h, d) with N up to ~66k queries, k and v (B, M, h, d) with a short reduced key set
+(M = 49 .. ~1k); any strides (they are column slices of the (B, L, h*d) projections and are read in
+place). The forward writes o (B, N, h, d) contiguous in q.dtype and the natural log-sum-exp of the
+scaled scores, lse (B, h, N) fp32, which the backward uses to recompute the probabilities.
+
+When the keys of one (batch, head) fit in one block, a program loads K and V once and streams its
+share of query blocks through them (persistent over query blocks); longer key sets loop over key
+blocks. The backward is parallel over query blocks: dQ is written directly, and every program sums
+its queries' dK/dV into one fp32 partial, reduced in a fixed order by a second kernel (or, opt-in,
+added with fp32 atomics).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's CPU interpreter reads bf16 as raw bits: kernels then upcast loads to fp32 (flag UPCAST)."""
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 128
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, UPCAST: tl.constexpr):
+    """Tile (len(rows), len(cols)) of base[r * stride_r + c * stride_c], zero outside (n_rows, n_cols)."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_r + cols[None, :] * stride_c
+    tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, tile, rows, cols, stride_r, n_rows, n_cols):
+    """base[r * stride_r + c] = tile (cast to base's dtype) inside (n_rows, n_cols)."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_r + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _softmax_step(q, k, v, key_valid, m_i, l_i, acc, qk_scale):
+    """One online-softmax step of q (BN, BD) against keys k, v (BM, BD); m_i in the log2 domain."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = tl.where(key_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _row_delta(o_base, so_n, so_d, do, rows, cols, N, D, UPCAST: tl.constexpr):
+    """delta = rowsum(dO * O) (BN,) fp32 for the rows of the dO tile ``do`` (BN, BD)."""
+    o = _load_tile(o_base, rows, cols, so_n, so_d, N, D, UPCAST)
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
+def _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d, lse_row, delta_row,
+                     rows, cols, N, D, FUSED_DELTA: tl.constexpr, UPCAST: tl.constexpr):
+    """q, dO tiles (BN, BD), lse in the log2 domain and delta (BN,) of one query block.
+
+    Padded rows get lse = +inf so that their probabilities are exactly 0. delta is computed from
+    O when FUSED_DELTA, else read from the (B, h, N) buffer written by ``_bwd_delta_kernel``.
+    """
+    q = _load_tile(q_base, rows, cols, sq_n, sq_d, N, D, UPCAST)
+    do = _load_tile(do_base, rows, cols, sdo_n, sdo_d, N, D, UPCAST)
+    lse2 = tl.load(lse_row + rows, mask=rows < N, other=float("inf")) * LOG2E
+    if FUSED_DELTA:
+        delta = _row_delta(o_base, so_n, so_d, do, rows, cols, N, D, UPCAST)
+    else:
+        delta = tl.load(delta_row + rows, mask=rows < N, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse2, delta, key_valid, qk_scale):
+    """P = softmax probabilities and dS = P * (dO V^T - delta), both (BN, BM) fp32.
+
+    dS is the gradient w.r.t. the scaled scores; dQ = scale * dS K and dK = scale * dS^T Q.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = tl.where(key_valid[None, :], s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _store_dkv(dk_base, dkv_stride, dk, dv, rows, cols, row_stride, M, D, ATOMIC: tl.constexpr):
+    """Write (or atomically add) a (BM, BD) dK / dV partial; dV lies dkv_stride elements after dK."""
+    ptrs = dk_base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < D)
+    if ATOMIC:
+        tl.atomic_add(ptrs, dk, mask=mask, sem="relaxed")
+        tl.atomic_add(ptrs + dkv_stride, dv, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, dk, mask=mask)
+        tl.store(ptrs + dkv_stride, dv, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
+    N, M, H, D, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_KV: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (B*h, P): program (bh, p) handles query blocks p, p + P, ... of one (batch, head).
+
+    Writes O (B, N, h, d) contiguous and LSE (B, h, N) = natural log-sum-exp of the scaled scores.
+    """
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    hh = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * sq_b + hh * sq_h
+    k_base = K + b * sk_b + hh * sk_h
+    v_base = V + b * sv_b + hh * sv_h
+    o_base = O + b * N * H * D + hh * D
+    lse_row = LSE + pid_bh.to(tl.int64) * N
+    cols = tl.arange(0, BLOCK_D)
+    keys = tl.arange(0, BLOCK_M)
+    if SINGLE_KV:
+        k = _load_tile(k_base, keys, cols, sk_m, sk_d, M, D, UPCAST)
+        v = _load_tile(v_base, keys, cols, sv_m, sv_d, M, D, UPCAST)
+    for qb in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
+        rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+        q = _load_tile(q_base, rows, cols, sq_n, sq_d, N, D, UPCAST)
+        m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if SINGLE_KV:
+            m_i, l_i, acc = _softmax_step(q, k, v, keys < M, m_i, l_i, acc, qk_scale)
+        else:
+            for start_m in range(0, M, BLOCK_M):
+                k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
+                v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
+                m_i, l_i, acc = _softmax_step(q, k, v, start_m + keys < M, m_i, l_i, acc, qk_scale)
+        _store_tile(o_base, acc / l_i[:, None], rows, cols, H * D, N, D)
+        tl.store(lse_row + rows, (m_i + tl.log2(l_i)) * LN2, mask=rows < N)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA, so_b, so_n, so_h, so_d, sdo_b, sdo_n, sdo_h, sdo_d, N, H, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (B*h, cdiv(N, BLOCK_N)): DELTA (B, h, N) fp32 = rowsum(dO * O)."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    hh = (pid_bh % H).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    do = _load_tile(DO + b * sdo_b + hh * sdo_h, rows, cols, sdo_n, sdo_d, N, D, UPCAST)
+    delta = _row_delta(O + b * so_b + hh * so_h, so_n, so_d, do, rows, cols, N, D, UPCAST)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, DKV,
+    sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
+    so_b, so_n, so_h, so_d, sdo_b, sdo_n, sdo_h, sdo_d,
+    N, M, H, D, scale, qk_scale, partial_stride, dkv_stride,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_KV: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (B*h, P): program (bh, p) handles query blocks p, p + P, ... of one (batch, head).
+
+    Writes DQ (B, N, h, d) contiguous and its dK/dV sums into DKV (num_partials, 2, B, M, h, d) fp32
+    at partial p (partial_stride = 0 when ATOMIC: all programs add into one); the dV half lies
+    dkv_stride elements after the dK half. With SINGLE_KV, K and V stay loaded
+    and one pass gives dQ, dK and dV; otherwise a dQ pass (keys inner) is followed by a dK/dV pass
+    (query blocks inner), and delta comes from DELTA (B, h, N).
+    """
+    pid_bh = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    num_q = tl.num_programs(1)
+    b = (pid_bh // H).to(tl.int64)
+    hh = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * sq_b + hh * sq_h
+    k_base = K + b * sk_b + hh * sk_h
+    v_base = V + b * sv_b + hh * sv_h
+    o_base = O + b * so_b + hh * so_h
+    do_base = DO + b * sdo_b + hh * sdo_h
+    dq_base = DQ + b * N * H * D + hh * D
+    lse_row = LSE + pid_bh.to(tl.int64) * N
+    delta_row = DELTA + pid_bh.to(tl.int64) * N
+    dk_base = DKV + pid_q.to(tl.int64) * partial_stride + b * M * H * D + hh * D
+    cols = tl.arange(0, BLOCK_D)
+    keys = tl.arange(0, BLOCK_M)
+    num_qb = tl.cdiv(N, BLOCK_N)
+    if SINGLE_KV:
+        k = _load_tile(k_base, keys, cols, sk_m, sk_d, M, D, UPCAST)
+        v = _load_tile(v_base, keys, cols, sv_m, sv_d, M, D, UPCAST)
+        dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for qb in range(pid_q, num_qb, num_q):
+            rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+            q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
+                                                  lse_row, delta_row, rows, cols, N, D, True, UPCAST)
+            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, keys < M, qk_scale)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")
+            dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            _store_tile(dq_base, dq * scale, rows, cols, H * D, N, D)
+        _store_dkv(dk_base, dkv_stride, dk * scale, dv, keys, cols, H * D, M, D, ATOMIC)
+    else:
+        for qb in range(pid_q, num_qb, num_q):
+            rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+            q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
+                                                  lse_row, delta_row, rows, cols, N, D, False, UPCAST)
+            dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for start_m in range(0, M, BLOCK_M):
+                k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
+                v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
+                p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, start_m + keys < M, qk_scale)
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+            _store_tile(dq_base, dq * scale, rows, cols, H * D, N, D)
+        for start_m in range(0, M, BLOCK_M):
+            k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
+            v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
+            dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for qb in range(pid_q, num_qb, num_q):
+                rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+                q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
+                                                      lse_row, delta_row, rows, cols, N, D, False, UPCAST)
+                p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, start_m + keys < M, qk_scale)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")
+            _store_dkv(dk_base, dkv_stride, dk * scale, dv, start_m + keys, cols, H * D, M, D, ATOMIC)
+
+
+@triton.jit
+def _sum_partials_kernel(DKV, DK, DV, num_partials, numel, partial_stride, BLOCK: tl.constexpr):
+    """DK, DV (numel,) = sum over p, in order, of DKV (num_partials, 2, numel) fp32; cast to DK's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    ptrs = DKV + offs
+    dk = tl.zeros([BLOCK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(num_partials):
+        dk += tl.load(ptrs, mask=mask, other=0.0)
+        dv += tl.load(ptrs + numel, mask=mask, other=0.0)
+        ptrs += partial_stride
+    tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch heuristics and host wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    """Launch parameters of one forward or backward call."""
+
+    block_n: int  # query rows per block
+    block_m: int  # keys per block
+    block_d: int  # head_dim padded to a power of two >= 16
+    single_kv: bool  # all M keys in one block, loaded once per program
+    num_programs: int  # programs per (batch, head), each striding over query blocks
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: torch.device, *,
+          backward: bool) -> _Plan:
+    """Per-shape launch heuristic for sm_80 and sm_90 (no autotuning).
+
+    Chosen by compiling for both targets: fp16/bf16 plans spill at most a few hundred bytes.
+    """
+    block_d = max(16, triton.next_power_of_2(d))
+    if dtype == torch.float32:
+        # fp32 dots (input_precision="ieee") run on FMA units, which hold whole operand tiles in
+        # registers: small tiles, and K/V are re-read per query block unless M is tiny.
+        kv_max = 16 if backward and block_d > 64 else 32
+        block_m = max(16, triton.next_power_of_2(M)) if M <= kv_max else kv_max
+        block_n = 16 if backward else 32
+        num_warps = 8
+    else:
+        # Longest key set kept whole on chip: K and V (and, backward, the fp32 dK/dV accumulators).
+        kv_max = (128 if backward else 256) * 64 // max(block_d, 64)
+        block_m = max(16, triton.next_power_of_2(M)) if M <= kv_max else min(kv_max, 64 if backward else 128)
+        if backward:
+            block_n = 32 if block_m * block_d > 64 * 64 else 64
+        else:
+            block_n = 128 if block_d <= 64 and block_m <= 128 else 64
+        biggest_tile = max(block_n * block_m, block_m * block_d, block_n * block_d)
+        num_warps = 8 if biggest_tile >= (4096 if backward else 8192) else 4
+    # Forward: several programs per SM hide latency. Backward: each program owns one dK/dV partial,
+    # so the partials stay bounded by about two per SM.
+    per_sm = 2 if backward else 4
+    num_programs = max(1, min(triton.cdiv(N, block_n), triton.cdiv(per_sm * _num_sms(device), batch_heads)))
+    return _Plan(block_n, block_m, block_d, M <= kv_max, num_programs, num_warps, 2)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every buffer the kernels fully overwrite (tests poison it to prove that)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_launchable(q: torch.Tensor) -> None:
+    """Raise before launching what these kernels cannot run (dtype, head_dim, device)."""
+    if q.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"the Triton attention kernels take float16, bfloat16 or float32, got {q.dtype}")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernels take head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(f"the Triton attention kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v per head.
+
+    Args:
+        q: (B, N, h, d) fp16/bf16/fp32, any strides.
+        k, v: (B, M, h, d), M >= 1, q's dtype and device, any strides.
+        scale: softmax scale.
+
+    Returns:
+        o (B, N, h, d) contiguous in q.dtype, and lse (B, h, N) fp32, the natural log-sum-exp of
+        each row of the scaled scores.
+    """
+    B, N, H, D = q.shape
+    M = k.shape[1]
+    o = _empty((B, N, H, D), q.dtype, q.device)
+    lse = _empty((B, H, N), torch.float32, q.device)
+    if B * N * H == 0:
+        return o, lse
+    _check_launchable(q)
+    plan = _plan(N, M, D, B * H, q.dtype, q.device, backward=False)
+    _fwd_kernel[(B * H, plan.num_programs)](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), N, M, H, D, scale * LOG2E.value,
+        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, SINGLE_KV=plan.single_kv,
+        UPCAST=_INTERPRET, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    return o, lse
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, scale: float, deterministic: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`attention_forward`.
+
+    Args:
+        do: (B, N, h, d) gradient of o, q's dtype, any strides.
+        q, k, v, scale: the forward's inputs; o (B, N, h, d) and lse (B, h, N) its outputs.
+        deterministic: reduce the per-program dK/dV partials in a fixed order (bit-reproducible);
+            False adds them with fp32 atomics instead (less memory, order-dependent rounding).
+
+    Returns:
+        dq (B, N, h, d), dk and dv (B, M, h, d): contiguous, in q.dtype.
+    """
+    B, N, H, D = q.shape
+    M = k.shape[1]
+    if B * N * H * D == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), k.new_zeros(k.shape)
+    _check_launchable(q)
+    lse = lse.contiguous()
+    plan = _plan(N, M, D, B * H, q.dtype, q.device, backward=True)
+    dq = _empty((B, N, H, D), q.dtype, q.device)
+    if deterministic:
+        dkv = _empty((plan.num_programs, 2, B, M, H, D), torch.float32, q.device)
+    else:
+        dkv = torch.zeros((1, 2, B, M, H, D), dtype=torch.float32, device=q.device)
+    if plan.single_kv:
+        delta = lse  # unused: the kernel computes delta from o itself
+    else:
+        delta = _empty((B, H, N), torch.float32, q.device)
+        _bwd_delta_kernel[(B * H, triton.cdiv(N, plan.block_n))](
+            o, do, delta, *o.stride(), *do.stride(), N, H, D,
+            BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, UPCAST=_INTERPRET, num_warps=4,
+        )
+    _bwd_kernel[(B * H, plan.num_programs)](
+        q, k, v, o, do, lse, delta, dq, dkv,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
+        N, M, H, D, scale, scale * LOG2E.value, dkv.stride(0) if deterministic else 0, dkv.stride(1),
+        BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, SINGLE_KV=plan.single_kv,
+        ATOMIC=not deterministic, UPCAST=_INTERPRET, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    dk = _empty((B, M, H, D), q.dtype, q.device)
+    dv = _empty((B, M, H, D), q.dtype, q.device)
+    block = 1024
+    _sum_partials_kernel[(triton.cdiv(dk.numel(), block),)](
+        dkv, dk, dv, dkv.shape[0], dk.numel(), dkv.stride(0), BLOCK=block, num_warps=4,
+    )
+    return dq, dk, dv

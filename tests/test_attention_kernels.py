@@ -1,0 +1,189 @@
+"""Triton short-KV attention kernels (sra_kernels.ops.attention) against the float64 reference.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, small shapes); with CUDA they run
+natively, and the `slow` sweep adds PVT-sized shapes. Every kernel output and scratch buffer is
+allocated NaN-filled (see `poison_buffers`), so an element a kernel fails to write shows up.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sra_kernels.ops import attention  # noqa: E402
+from sra_kernels.reference import reduced_kv_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+FLOOR = {F32: 1e-5, F16: 1e-3, BF16: 8e-3}
+"""Absolute error floor per dtype, in units of (1 + the largest reference value)."""
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    """Allocate every buffer the kernels must fully overwrite (outputs, partials, delta) as NaN."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(attention, "_empty", nan_empty)
+
+
+def make_inputs(B, N, M, h, d, dtype, seed=0):
+    """q, k, v: column views of (B, L, 2, h, d) projections (as PVT's q / kv Linears give); dO (B, N, h, d)."""
+    g = torch.Generator().manual_seed(seed)
+    qx = torch.randn(B, N, 2, h, d, generator=g).to(DEVICE, dtype)
+    kv = torch.randn(B, M, 2, h, d, generator=g).to(DEVICE, dtype)
+    do = torch.randn(B, N, h, d, generator=g).to(DEVICE, dtype)
+    return qx[:, :, 1], kv[:, :, 0], kv[:, :, 1], do
+
+
+def reference(q, k, v, do, scale, dtype):
+    """(o, dq, dk, dv) of the PyTorch reference, computed in ``dtype`` through autograd."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    o = reduced_kv_attention(*leaves, scale)
+    o.backward(do.to(dtype))
+    return (o.detach(), *(t.grad for t in leaves))
+
+
+def reference_lse(q, k, scale):
+    """(B, h, N) float64 log-sum-exp of the scaled scores."""
+    return torch.logsumexp(torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * scale, dim=-1)
+
+
+def assert_within_reference_error(name, out, exact, same_dtype):
+    """The kernel's error is at most 2x the same-dtype PyTorch error plus a small floor."""
+    assert out.shape == exact.shape and out.dtype == same_dtype.dtype, name
+    assert not out.isnan().any(), f"{name}: NaN (an element was not written, or a padded row leaked)"
+    err = (out.double() - exact).abs().max().item()
+    ref_err = (same_dtype.double() - exact).abs().max().item()
+    floor = FLOOR[out.dtype] * (1 + exact.abs().max().item())
+    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} > 2 * {ref_err:.3g} (same-dtype ref) + {floor:.3g}"
+
+
+def check_case(B, N, M, h, d, dtype, deterministic=True, inputs=None):
+    q, k, v, do = inputs if inputs is not None else make_inputs(B, N, M, h, d, dtype)
+    scale = d**-0.5
+    o, lse = attention.attention_forward(q, k, v, scale)
+    dq, dk, dv = attention.attention_backward(do, q, k, v, o, lse, scale, deterministic)
+    assert o.is_contiguous() and lse.shape == (B, h, N) and lse.dtype == torch.float32
+    assert not lse.isnan().any()
+    torch.testing.assert_close(lse.double(), reference_lse(q, k, scale), rtol=1e-5, atol=1e-4)
+    exact = reference(q, k, v, do, scale, torch.float64)
+    same_dtype = reference(q, k, v, do, scale, dtype)
+    for name, out, ex, ref in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), exact, same_dtype):
+        assert_within_reference_error(name, out, ex, ref)
+
+
+# (B, N, M, heads, head_dim, dtype). Block sizes depend on dtype and head_dim (see attention._plan):
+# M = 300 (and 130 backward, or with head_dim 128 or fp32) runs the key-block loops; N = 200 with
+# B * heads <= 2 makes programs stride over several query blocks and the backward sum several partials.
+CASES = [
+    (1, 1, 1, 1, 64, F32),
+    (2, 17, 7, 2, 32, F32),
+    (1, 200, 49, 1, 64, F32),
+    (2, 17, 100, 8, 20, F32),
+    (1, 70, 49, 1, 64, BF16),
+    (1, 200, 50, 5, 40, BF16),
+    (1, 200, 300, 2, 64, BF16),
+    (2, 70, 1, 8, 32, BF16),
+    (2, 200, 49, 1, 64, F16),
+    (2, 70, 130, 1, 64, F16),
+    (1, 70, 130, 2, 128, F16),
+]
+
+
+@pytest.mark.parametrize("B,N,M,h,d,dtype", CASES)
+def test_matches_reference(B, N, M, h, d, dtype):
+    check_case(B, N, M, h, d, dtype)
+
+
+@pytest.mark.parametrize("B,N,M,h,d,dtype", [(1, 200, 49, 1, 64, BF16), (1, 70, 100, 2, 40, F32)])
+def test_atomic_dkv_matches_reference(B, N, M, h, d, dtype):
+    check_case(B, N, M, h, d, dtype, deterministic=False)
+
+
+def test_general_strides():
+    """Non-unit last-dim strides for q, k, v and a transposed dO are read in place."""
+    B, N, M, h, d = 2, 40, 20, 2, 32
+    q, k, v, _ = make_inputs(B, N, M, h, 2 * d, BF16)
+    do = torch.randn(B, h, N, d, device=DEVICE).to(BF16).transpose(1, 2)
+    check_case(B, N, M, h, d, BF16, inputs=(q[..., ::2], k[..., 1::2], v[..., ::2], do))
+
+
+@pytest.mark.parametrize("M,dtype", [(49, BF16), (300, F32)])
+@pytest.mark.parametrize("operand", ["q", "k", "v"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter, on NaN arithmetic
+def test_nan_propagates(M, dtype, operand):
+    """A NaN input gives NaN exactly where the reference has NaN (q: its row; k: its head; v: one column)."""
+    B, N, h, d = 2, 40, 2, 32
+    q, k, v, _ = make_inputs(B, N, M, h, d, dtype)
+    {"q": q, "k": k, "v": v}[operand][1, 3 % M, 1, 5] = float("nan")
+    o, lse = attention.attention_forward(q, k, v, d**-0.5)
+    expected = reduced_kv_attention(q.double(), k.double(), v.double(), d**-0.5)
+    assert expected.isnan().any()
+    assert torch.equal(o.isnan(), expected.isnan())
+    assert torch.equal(lse.isnan(), reference_lse(q, k, d**-0.5).isnan())
+    finite = ~expected.isnan()
+    torch.testing.assert_close(o[finite].double(), expected[finite], rtol=0, atol=FLOOR[dtype] * 4)
+
+
+def test_backward_is_deterministic():
+    """Several dK/dV partials, reduced in a fixed order: two runs agree bit for bit."""
+    B, N, M, h, d = 1, (20000 if DEVICE.type == "cuda" else 300), 49, 1, 64
+    plan = attention._plan(N, M, d, B * h, BF16, DEVICE, backward=True)
+    assert plan.num_programs > 1
+    q, k, v, do = make_inputs(B, N, M, h, d, BF16)
+    o, lse = attention.attention_forward(q, k, v, d**-0.5)
+    first = attention.attention_backward(do, q, k, v, o, lse, d**-0.5)
+    second = attention.attention_backward(do, q, k, v, o, lse, d**-0.5)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_empty_inputs_launch_nothing(monkeypatch):
+    for kernel in ("_fwd_kernel", "_bwd_kernel", "_bwd_delta_kernel", "_sum_partials_kernel"):
+        monkeypatch.setattr(attention, kernel, None)  # a launch would raise TypeError
+    for B, N in ((0, 5), (2, 0)):
+        q, k, v, do = make_inputs(B, N, 7, 2, 32, F32)
+        o, lse = attention.attention_forward(q, k, v, 0.2)
+        assert o.shape == (B, N, 2, 32) and lse.shape == (B, 2, N)
+        dq, dk, dv = attention.attention_backward(do, q, k, v, o, lse, 0.2)
+        assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+        assert not dk.any() and not dv.any()
+
+
+def test_rejects_what_the_kernels_cannot_run():
+    q, k, v, _ = make_inputs(1, 4, 3, 1, 16, torch.float64)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        attention.attention_forward(q, k, v, 0.25)
+    q, k, v, _ = make_inputs(1, 4, 3, 1, 160, F32)
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        attention.attention_forward(q, k, v, 0.25)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PVT-sized shapes run natively on CUDA only")
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize(
+    "B,N,M,h,d",
+    [
+        (8, 3136, 49, 1, 64),  # pvt_v2 stage 1 at 224x224
+        (8, 784, 49, 2, 64),
+        (8, 196, 49, 5, 64),
+        (8, 49, 49, 8, 64),  # stage 4: sr = 1, N = M
+        (2, 16384, 256, 1, 64),  # stage 1 at 512x512
+        (1, 16384, 1024, 2, 64),  # stage 2 at 1024x1024: key loop
+        (2, 4096, 1024, 5, 64),
+        (2, 3136, 49, 2, 40),
+        (2, 3136, 100, 2, 128),
+        (1, 5000, 777, 3, 20),
+    ],
+)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_pvt_shapes_cuda(B, N, M, h, d, dtype, deterministic):
+    check_case(B, N, M, h, d, dtype, deterministic)
