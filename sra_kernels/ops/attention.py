@@ -15,15 +15,13 @@ added with fp32 atomics).
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-"""Triton's CPU interpreter reads bf16 as raw bits: kernels then upcast loads to fp32 (flag UPCAST)."""
+from .interpreter import INTERPRETED, rounded_cast
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
@@ -50,7 +48,8 @@ def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, UPCAST: tl.
 def _store_tile(base, tile, rows, cols, stride_r, n_rows, n_cols):
     """base[r * stride_r + c] = tile (cast to base's dtype) inside (n_rows, n_cols)."""
     ptrs = base + rows.to(tl.int64)[:, None] * stride_r + cols[None, :]
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+    tl.store(ptrs, rounded_cast(tile, base.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
 
 
 @triton.jit
@@ -268,8 +267,8 @@ def _sum_partials_kernel(DKV, DK, DV, num_partials, numel, partial_stride, BLOCK
         dk += tl.load(ptrs, mask=mask, other=0.0)
         dv += tl.load(ptrs + numel, mask=mask, other=0.0)
         ptrs += partial_stride
-    tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=mask)
+    tl.store(DK + offs, rounded_cast(dk, DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs, rounded_cast(dv, DV.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +338,7 @@ def _check_launchable(q: torch.Tensor) -> None:
         raise ValueError(f"the Triton attention kernels take float16, bfloat16 or float32, got {q.dtype}")
     if q.shape[-1] > _MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention kernels take head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
-    if q.device.type != "cuda" and not _INTERPRET:
+    if q.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(f"the Triton attention kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
 
 
@@ -367,7 +366,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     _fwd_kernel[(B * H, plan.num_programs)](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), N, M, H, D, scale * LOG2E.value,
         BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, SINGLE_KV=plan.single_kv,
-        UPCAST=_INTERPRET, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        UPCAST=INTERPRETED, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return o, lse
 
@@ -404,14 +403,14 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         delta = _empty((B, H, N), torch.float32, q.device)
         _bwd_delta_kernel[(B * H, triton.cdiv(N, plan.block_n))](
             o, do, delta, *o.stride(), *do.stride(), N, H, D,
-            BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, UPCAST=_INTERPRET, num_warps=4,
+            BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, UPCAST=INTERPRETED, num_warps=4,
         )
     _bwd_kernel[(B * H, plan.num_programs)](
         q, k, v, o, do, lse, delta, dq, dkv,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
         N, M, H, D, scale, scale * LOG2E.value, dkv.stride(0) if deterministic else 0, dkv.stride(1),
         BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, SINGLE_KV=plan.single_kv,
-        ATOMIC=not deterministic, UPCAST=_INTERPRET, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        ATOMIC=not deterministic, UPCAST=INTERPRETED, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     dk = _empty((B, M, H, D), q.dtype, q.device)
     dv = _empty((B, M, H, D), q.dtype, q.device)

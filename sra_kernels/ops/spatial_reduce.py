@@ -20,16 +20,13 @@ Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 dots (never TF32).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import LINEAR_POOL_SIZE
+from .interpreter import INTERPRETED, rounded_cast
 
-_UPCAST = os.environ.get("TRITON_INTERPRET") == "1"
-"""Triton's interpreter mis-handles bf16 dot operands: upcast them to fp32 there (only there)."""
 
 _TARGET_PROGRAMS = 528
 """Programs a reduction grid should offer before it is split further: 4 waves of an H100's 132 SMs."""
@@ -112,7 +109,7 @@ def _adaptive_pool_kernel(
             v = tl.load(base + token[:, None] * stride_xn, mask=(w < w1)[:, None] & c_mask[None, :], other=0.0)
             acc += v.to(tl.float32)
     mean = tl.sum(acc, axis=0) / ((h1 - h0) * (w1 - w0)).to(tl.float32)
-    tl.store(out_ptr + cell.to(tl.int64) * C + c, mean.to(out_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(out_ptr + cell.to(tl.int64) * C + c, rounded_cast(mean, out_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -163,8 +160,8 @@ def _reduce_norm_fwd_kernel(
     row = b.to(tl.int64) * M + m
     offs = row[:, None] * C + c[None, :]
     mask = m_mask[:, None] & c_mask[None, :]
-    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, rounded_cast(out, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + offs, rounded_cast(z, z_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean, mask=m_mask)
     tl.store(rstd_ptr + row, rstd, mask=m_mask)
 
@@ -219,13 +216,13 @@ def _reduce_norm_bwd_input_kernel(
     dz = tl.where(mask, (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
 
     if pid_k == 0:
-        tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + offs, rounded_cast(dz, dz_ptr.dtype.element_ty), mask=mask)
         part = part_ptr + pid * C + c
         tl.store(part, tl.sum(gy * xhat, axis=0), mask=c_mask)
         tl.store(part + num_row_programs * C, tl.sum(gy, axis=0), mask=c_mask)
         tl.store(part + 2 * num_row_programs * C, tl.sum(dz, axis=0), mask=c_mask)
 
-    dz = dz.to(w_ptr.dtype.element_ty)
+    dz = rounded_cast(dz, w_ptr.dtype.element_ty)
     ck = tl.arange(0, BLOCK_K)
     patches = da_ptr + _patch_origin(b, m, Wr, W_img, stride_db, stride_dn, SR)
     n_chunks = tl.cdiv(C, BLOCK_K)
@@ -238,7 +235,8 @@ def _reduce_norm_bwd_input_kernel(
         w_t = tl.load(w_ptr + (tap * C + ci)[None, :] * C + c[:, None], mask=c_mask[:, None] & ci_mask[None, :],
                       other=0.0)
         da = _mma(dz, w_t, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), UPCAST)
-        tl.store(patches[:, None] + (tap_offset + ci * stride_dc)[None, :], da.to(da_ptr.dtype.element_ty),
+        tl.store(patches[:, None] + (tap_offset + ci * stride_dc)[None, :],
+                 rounded_cast(da, da_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & ci_mask[None, :])
 
 
@@ -314,7 +312,8 @@ def _adaptive_pool_bwd_kernel(
             g = tl.load(cells[:, None] + c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
             acc += g.to(tl.float32) * (1.0 / (rows * cols).to(tl.float32))[:, None]
     dx = dx_ptr + (b.to(tl.int64) * N + t) * C
-    tl.store(dx[:, None] + c[None, :], acc.to(dx_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+    tl.store(dx[:, None] + c[None, :], rounded_cast(acc, dx_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & c_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,7 +428,7 @@ def spatial_reduce_forward(
         y, z, mean, rstd,
         M, Wr, src_w, C, num_m_blocks, eps,
         *src.stride(),
-        SR=sr, GELU=linear, UPCAST=_UPCAST, **cfg,
+        SR=sr, GELU=linear, UPCAST=INTERPRETED, **cfg,
     )
     return y, z, mean, rstd, pooled
 
@@ -472,7 +471,7 @@ def spatial_reduce_backward(
         dz, da, norm_part,
         M, Wr, src_w, C, num_m_blocks, rows, steps_per_split,
         *grad_y.stride(), *da.stride(),
-        SR=sr, GELU=linear, UPCAST=_UPCAST, **cfg,
+        SR=sr, GELU=linear, UPCAST=INTERPRETED, **cfg,
     )
 
     # Conv weight gradient: patches^T @ dz, split over tokens, partials summed in a fixed order.
@@ -484,7 +483,7 @@ def spatial_reduce_backward(
         src, dz, w_part,
         B * M, M, Wr, src_w, C, t_per_split,
         *src.stride(),
-        SR=sr, UPCAST=_UPCAST, **cfg,
+        SR=sr, UPCAST=INTERPRETED, **cfg,
     )
     d_sr_weight = w_part.sum(0).view(sr, sr, C, C).permute(3, 2, 0, 1).to(sr_weight.dtype).contiguous()
     d_norm_weight, d_norm_bias, d_sr_bias = (norm_part[i].sum(0) for i in range(3))
