@@ -1,0 +1,78 @@
+"""``python -m pvt``: info (parameters, FLOPs, attention shapes), bench (images/s per backend), train (digits).
+
+Examples::
+
+    python -m pvt info pvt_v2_b2 --img-size 512 512
+    python -m pvt bench pvt_v2_b2 --batch 64 --dtype bf16 --train --backends sdpa triton
+    python -m pvt train pvt_v2_b0 --epochs 5 --img-size 32 32 --save digits.pt
+    torchrun --standalone --nproc_per_node=2 -m pvt train pvt_v2_b0 --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .registry import list_models
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pvt", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    models = dict(choices=list_models(), metavar="MODEL", help="one of: " + ", ".join(list_models()))
+
+    info = commands.add_parser("info", help="parameters, GFLOPs and per-stage N, M, C, heads")
+    info.add_argument("model", **models)
+    info.add_argument("--img-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    info.add_argument("--num-classes", type=int, default=1000)
+
+    bench = commands.add_parser("bench", help="images/s and peak memory per attention backend")
+    bench.add_argument("model", **models)
+    bench.add_argument("--batch", type=int, required=True)
+    bench.add_argument("--img-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    bench.add_argument("--train", action="store_true", help="time forward+backward instead of forward")
+    bench.add_argument("--backends", nargs="+", choices=("reference", "sdpa", "triton"),
+                       help="default: every backend that runs here")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per backend")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps per backend first")
+    bench.add_argument("--device", help="default: cuda when present, else cpu")
+
+    train = commands.add_parser("train", help="a short training run on scikit-learn's digits (torchrun-ready)")
+    train.add_argument("model", **models)
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--batch-size", type=int, default=64, help="per process")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--img-size", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
+    train.add_argument("--backend", choices=("auto", "reference", "sdpa", "triton"), default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--subset", type=int, metavar="N", help="train on N of the 1437 training images (quick runs)")
+    train.add_argument("--save", metavar="PATH", help="checkpoint written after every epoch")
+    train.add_argument("--resume", metavar="PATH", help="continue from a --save checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    img_size = tuple(getattr(args, "img_size", ()))
+    if args.command == "info":
+        from .info import format_info, model_info
+
+        print(format_info(model_info(args.model, img_size, num_classes=args.num_classes)))
+    elif args.command == "bench":
+        import torch
+
+        from .bench import bench_model, default_device, format_results
+
+        device = torch.device(args.device) if args.device else default_device()
+        results = bench_model(args.model, args.batch, img_size, args.dtype, args.train, args.backends,
+                              args.steps, args.warmup, device)
+        print(format_results(args.model, args.batch, img_size, args.dtype, args.train, device, results))
+    else:
+        from .train import TrainConfig, train
+
+        train(TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          weight_decay=args.weight_decay, img_size=img_size, backend=args.backend,
+                          seed=args.seed, subset=args.subset, save=args.save, resume=args.resume, progress=not args.no_progress))

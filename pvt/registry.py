@@ -1,0 +1,66 @@
+"""Model names -> the official configurations, and :func:`create_model`."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .checkpoints import load_checkpoint
+from .models import MixVisionTransformer, PyramidVisionTransformer, PyramidVisionTransformerV2
+
+_COMMON = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), qkv_bias=True, sr_ratios=(8, 4, 2, 1))
+_B0_DIMS = dict(embed_dims=(32, 64, 160, 256))
+_RATIOS_8844 = dict(mlp_ratios=(8, 8, 4, 4))
+_RATIOS_4444 = dict(mlp_ratios=(4, 4, 4, 4))
+
+MODEL_CONFIGS: dict[str, tuple[type[nn.Module], dict]] = {
+    # PVT v1 (whai362/PVT classification/pvt.py)
+    "pvt_tiny": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (2, 2, 2, 2)}),
+    "pvt_small": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (3, 4, 6, 3)}),
+    "pvt_medium": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (3, 4, 18, 3)}),
+    "pvt_large": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (3, 8, 27, 3)}),
+    # PVT v2 (classification/pvt_v2.py)
+    "pvt_v2_b0": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, **_B0_DIMS, "depths": (2, 2, 2, 2)}),
+    "pvt_v2_b1": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (2, 2, 2, 2)}),
+    "pvt_v2_b2": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (3, 4, 6, 3)}),
+    "pvt_v2_b3": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (3, 4, 18, 3)}),
+    "pvt_v2_b4": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (3, 8, 27, 3)}),
+    "pvt_v2_b5": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_4444, "depths": (3, 6, 40, 3)}),
+    "pvt_v2_b2_li": (PyramidVisionTransformerV2,
+                     {**_COMMON, **_RATIOS_8844, "depths": (3, 4, 6, 3), "linear": True}),
+    # SegFormer MiT encoders (NVlabs/SegFormer mmseg/models/backbones/mix_transformer.py)
+    "mit_b0": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, **_B0_DIMS, "depths": (2, 2, 2, 2),
+                                      "drop_path_rate": 0.1}),
+    "mit_b1": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (2, 2, 2, 2), "drop_path_rate": 0.1}),
+    "mit_b2": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 4, 6, 3), "drop_path_rate": 0.1}),
+    "mit_b3": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 4, 18, 3), "drop_path_rate": 0.1}),
+    "mit_b4": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 8, 27, 3), "drop_path_rate": 0.1}),
+    "mit_b5": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 6, 40, 3), "drop_path_rate": 0.1}),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(MODEL_CONFIGS)
+
+
+def create_model(name: str, num_classes: int = 1000, pretrained: str | os.PathLike | None = None,
+                 backend: str = "auto", **overrides) -> nn.Module:
+    """Build a model with its official configuration.
+
+    Args:
+        name: one of :func:`list_models`.
+        num_classes: classifier outputs (0: no head; ignored by the MiT feature backbones).
+        pretrained: path of a local checkpoint (official or timm naming; see :func:`pvt.load_state_dict`).
+        backend: attention backend of every block (auto | reference | sdpa | triton).
+        overrides: any other constructor argument, e.g. ``img_size`` (PVT v1), ``drop_path_rate``,
+            ``depths`` for a reduced model.
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    cls, config = MODEL_CONFIGS[name]
+    model = cls(**{**config, **overrides}, num_classes=num_classes, backend=backend)
+    if pretrained is not None:
+        load_checkpoint(model, pretrained)
+    return model

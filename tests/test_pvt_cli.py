@@ -1,0 +1,113 @@
+"""``python -m pvt``: info, bench, train (save / resume) and a 2-process DistributedDataParallel run."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pvt
+from pvt.cli import main
+from pvt.info import model_info
+from sra_kernels import available_backends
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_TRAIN = ["--img-size", "32", "32", "--subset", "64", "--batch-size", "16", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a busy CPU (tests in parallel) OpenMP threads spin and run 5-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_python_m_pvt_info():
+    result = subprocess.run([sys.executable, "-m", "pvt", "info", "pvt_v2_b2_li", "--img-size", "64", "96"],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "parameters: 22.554 M" in out and "GFLOPs" in out
+    # stage 1: 16x24 grid, N = 384, linear SRA pools to M = 49, C = 64, 1 head
+    assert re.search(r"^\s+1\s+16x24\s+384\s+49\s+64\s+1\s+8", out, re.M), out
+
+
+@pytest.mark.parametrize("name, gmacs", [("pvt_v2_b2", 4.0), ("pvt_small", 3.8), ("pvt_v2_b0", 0.6)])
+def test_info_flops_match_published(name, gmacs):
+    """The papers' 224x224 'GFLOPs' (multiply-adds) within rounding, attention matmuls included."""
+    info = model_info(name)
+    assert info.flops / 2e9 == pytest.approx(gmacs, abs=0.05)
+    N, M, C = 56 * 56, 49, info.stages[0].C
+    last = 50 if name == "pvt_small" else 49  # PVT v1's stage 4 also holds the cls token (sr 1: M = N)
+    assert [(s.N, s.M) for s in info.stages] == [(3136, 49), (784, 49), (196, 49), (last, last)]
+    assert info.stages[0].heads == 1 and C == (32 if name == "pvt_v2_b0" else 64)
+    # the reference backend's q k^T and attn v matmuls are counted: 2 * 2*N*M*C in stage 1 alone
+    assert info.flops > 4 * N * M * C
+
+
+def test_bench_prints_each_backend(capsys):
+    main(["bench", "pvt_v2_b0", "--batch", "2", "--img-size", "32", "32", "--steps", "1", "--warmup", "0",
+          "--backends", "reference", "sdpa", "--train"])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "pvt_v2_b0 32x32 batch 2 fp32 forward+backward" in lines[0]
+    assert re.match(r"\s+reference\s+[\d.]+\s+[\d.]+\s+(n/a|\d+)\s+1.00x", lines[2]), captured.out
+    assert re.match(r"\s+sdpa\s+[\d.]+\s+[\d.]+", lines[3]), captured.out
+    assert "[" in captured.err and "1/1" in captured.err  # the progress bar
+
+
+def test_bench_marks_unavailable_backend(capsys):
+    if "triton" in available_backends("cpu"):
+        pytest.skip("triton runs here")
+    main(["bench", "pvt_v2_b0", "--batch", "1", "--img-size", "32", "32", "--steps", "1", "--warmup", "0",
+          "--backends", "triton", "--device", "cpu"])
+    assert re.search(r"triton\s+unavailable here", capsys.readouterr().out)
+
+
+def test_train_save_and_resume(tmp_path, capsys):
+    path = tmp_path / "digits.pt"
+    main(["train", "pvt_v2_b0", "--epochs", "1", "--save", str(path), *QUICK_TRAIN])
+    first = capsys.readouterr().out
+    assert "1 process(es)" in first and re.search(r"epoch 1/1: train loss [\d.]+ acc [\d.]+ \| val loss", first)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 0 and checkpoint["model_name"] == "pvt_v2_b0" and checkpoint["optimizer"]["state"]
+
+    main(["train", "pvt_v2_b0", "--epochs", "2", "--resume", str(path), "--save", str(path), *QUICK_TRAIN])
+    second = capsys.readouterr().out
+    assert "epochs 2..2" in second and "epoch 2/2:" in second and "epoch 1/2:" not in second
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    step = checkpoint["optimizer"]["state"][0]["step"]
+    assert int(step) == 2 * 4  # two epochs of 64 images in batches of 16
+    model = pvt.create_model("pvt_v2_b0", num_classes=10)
+    pvt.load_state_dict(model, checkpoint)  # the {"model": sd} wrapper
+
+    with pytest.raises(ValueError, match="holds 'pvt_v2_b0', not 'pvt_v2_b1'"):
+        main(["train", "pvt_v2_b1", "--epochs", "3", "--resume", str(path), *QUICK_TRAIN])
+    with pytest.raises(ValueError, match="feature backbone"):
+        main(["train", "mit_b0", "--epochs", "1", *QUICK_TRAIN])
+
+
+def test_train_ddp_two_processes(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU): rank 0 alone prints and saves."""
+    path = tmp_path / "ddp.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "pvt", "train", "pvt_v2_b0", "--epochs", "1", "--save", str(path), *QUICK_TRAIN]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "on 2 process(es)" in result.stdout
+    assert len(re.findall(r"epoch 1/1: train loss", result.stdout)) == 1, result.stdout
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 0
+    assert int(checkpoint["optimizer"]["state"][0]["step"]) == 2  # 64 images / (2 ranks x 16)
