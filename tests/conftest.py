@@ -1,4 +1,4 @@
-"""Shared fixtures: the devices tests run on, seeded generators, float64 helpers."""
+"""Shared fixtures: the devices the kernels run on, seeding, the slow-sweep rule."""
 
 import os
 
@@ -13,8 +13,14 @@ KERNEL_DEVICES = (["cuda"] if CUDA else []) + (["cpu"] if INTERPRETER else [])
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed every test; one intra-op thread (small shapes: on a busy 2-core CPU OpenMP threads
+    spin and run 5-30x slower)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,22 +5,17 @@ natively, and the `slow` sweep adds PVT-sized shapes. Every kernel output and sc
 allocated NaN-filled (see `poison_buffers`), so an element a kernel fails to write shows up.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from sra_kernels.ops import attention
+from sra_kernels.reference import reduced_kv_attention
+from tests.accuracy import FLOOR, assert_within_reference_error
+from tests.conftest import CUDA, INTERPRETER
 
-import pytest  # noqa: E402
-
-from sra_kernels.ops import attention  # noqa: E402
-from sra_kernels.reference import reduced_kv_attention  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-FLOOR = {F32: 1e-5, F16: 1e-3, BF16: 8e-3}
-"""Absolute error floor per dtype, in units of (1 + the largest reference value)."""
+pytestmark = pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)
@@ -55,16 +50,6 @@ def reference_lse(q, k, scale):
     return torch.logsumexp(torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * scale, dim=-1)
 
 
-def assert_within_reference_error(name, out, exact, same_dtype):
-    """The kernel's error is at most 2x the same-dtype PyTorch error plus a small floor."""
-    assert out.shape == exact.shape and out.dtype == same_dtype.dtype, name
-    assert not out.isnan().any(), f"{name}: NaN (an element was not written, or a padded row leaked)"
-    err = (out.double() - exact).abs().max().item()
-    ref_err = (same_dtype.double() - exact).abs().max().item()
-    floor = FLOOR[out.dtype] * (1 + exact.abs().max().item())
-    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} > 2 * {ref_err:.3g} (same-dtype ref) + {floor:.3g}"
-
-
 def check_case(B, N, M, h, d, dtype, deterministic=True, inputs=None):
     q, k, v, do = inputs if inputs is not None else make_inputs(B, N, M, h, d, dtype)
     scale = d**-0.5
@@ -76,7 +61,8 @@ def check_case(B, N, M, h, d, dtype, deterministic=True, inputs=None):
     exact = reference(q, k, v, do, scale, torch.float64)
     same_dtype = reference(q, k, v, do, scale, dtype)
     for name, out, ex, ref in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), exact, same_dtype):
-        assert_within_reference_error(name, out, ex, ref)
+        assert out.dtype == dtype, name
+        assert_within_reference_error(name, out, ex, ref, dtype)
 
 
 # (B, N, M, heads, head_dim, dtype). Block sizes depend on dtype and head_dim (see attention._plan):

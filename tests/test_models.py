@@ -31,15 +31,6 @@ SMALL = dict(TINY, embed_dims=(16, 32, 80, 128))
 """Also narrower (head_dim 16), for tests of shapes, key names and the forward's structure."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy CPU (tests in parallel) OpenMP threads spin and run 5-30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _meta_model(name, **kwargs):
     with torch.device("meta"):
         return pvt.create_model(name, **kwargs)

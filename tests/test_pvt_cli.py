@@ -18,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK_TRAIN = ["--img-size", "32", "32", "--subset", "64", "--batch-size", "16", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy CPU (tests in parallel) OpenMP threads spin and run 5-30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
