@@ -149,16 +149,23 @@ def _train(cfg: TrainConfig, distributed: bool, rank: int, device: torch.device)
                 bar.update(loss=loss.item())
         if distributed:
             dist.all_reduce(totals)
-        if rank != 0:
+        if rank == 0:
+            history.append(_finish_epoch(cfg, model, optimizer, epoch, totals, val_set, device))
+        else:
             history.append({})
-            continue
-        val_loss, val_acc = evaluate(model, val_set, 256, device)
-        stats = {"epoch": epoch + 1, "train_loss": totals[0].item() / totals[2].item(),
-                 "train_acc": totals[1].item() / totals[2].item(), "val_loss": val_loss, "val_acc": val_acc}
-        history.append(stats)
-        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.3f} | "
-              f"val loss {val_loss:.4f} acc {val_acc:.3f}", flush=True)
-        if cfg.save:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "model_name": cfg.model}, cfg.save)
+        if distributed:
+            dist.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
     return history
+
+
+def _finish_epoch(cfg: TrainConfig, model, optimizer, epoch: int, totals: torch.Tensor, val_set, device) -> dict:
+    """Rank 0's end of an epoch: evaluate, print, save the checkpoint; returns the epoch's stats."""
+    val_loss, val_acc = evaluate(model, val_set, 256, device)
+    stats = {"epoch": epoch + 1, "train_loss": totals[0].item() / totals[2].item(),
+             "train_acc": totals[1].item() / totals[2].item(), "val_loss": val_loss, "val_acc": val_acc}
+    print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.3f} | "
+          f"val loss {val_loss:.4f} acc {val_acc:.3f}", flush=True)
+    if cfg.save:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "model_name": cfg.model}, cfg.save)
+    return stats

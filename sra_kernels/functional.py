@@ -8,8 +8,8 @@ import torch
 from . import reference
 from .dispatch import resolve_backend
 from .torch_sdpa import reduced_kv_attention_sdpa, sra_attention_sdpa
-from .validation import (KERNEL_DTYPES, check_attention_args, check_spatial_reduction_args,
-                         check_sra_args)
+from .validation import (KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM, check_attention_args,
+                         check_spatial_reduction_args, check_sra_args)
 
 try:
     from . import fused
@@ -19,12 +19,21 @@ except ModuleNotFoundError as error:  # no Triton (e.g. not Linux): resolve_back
     fused = None
 
 
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    """The backend to run, checking that the triton backend gets a dtype its kernels take."""
-    backend = resolve_backend(backend, x.device)
-    if backend == "triton" and x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"inputs must be fp32, fp16 or bf16 for backend 'triton', got {x.dtype}")
-    return backend
+def _resolve(backend: str, x: torch.Tensor, head_dim: int | None = None) -> str:
+    """The backend to run. What the kernels cannot take (fp64, head_dim > 128) falls back to ``sdpa``
+    under ``auto`` and raises a ValueError when ``triton`` was asked for by name."""
+    resolved = resolve_backend(backend, x.device)
+    if resolved != "triton":
+        return resolved
+    if x.dtype not in KERNEL_DTYPES:
+        problem = f"inputs must be fp32, fp16 or bf16 for backend 'triton', got {x.dtype}"
+    elif head_dim is not None and head_dim > KERNEL_MAX_HEAD_DIM:
+        problem = f"head_dim (C // num_heads) must be <= {KERNEL_MAX_HEAD_DIM} for backend 'triton', got {head_dim}"
+    else:
+        return resolved
+    if backend == "auto":
+        return "sdpa"
+    raise ValueError(problem)
 
 
 def sra_attention(
@@ -69,7 +78,8 @@ def sra_attention(
         linear: PVTv2 linear SRA (pool to 7x7; sr_ratio is then unused by the math).
         eps: LayerNorm epsilon (PVT's ``attn.norm`` uses 1e-5).
         scale: softmax scale, default head_dim ** -0.5.
-        backend: ``auto`` | ``reference`` | ``sdpa`` | ``triton`` (see :mod:`sra_kernels.dispatch`).
+        backend: ``auto`` | ``reference`` | ``sdpa`` | ``triton`` (see :mod:`sra_kernels.dispatch`);
+            ``auto`` runs ``sdpa`` where the kernels cannot (fp64, head_dim > 128).
 
     Returns:
         (B, N, C) in x's dtype.
@@ -87,7 +97,7 @@ def sra_attention(
         "reference": reference.sra_attention,
         "sdpa": sra_attention_sdpa,
         "triton": fused and fused.sra_attention_triton,
-    }[_resolve(backend, x)]
+    }[_resolve(backend, x, x.shape[-1] // num_heads)]
     return implementation(
         x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
         sr_weight, sr_bias, norm_weight, norm_bias,
@@ -148,5 +158,5 @@ def reduced_kv_attention(
         "reference": reference.reduced_kv_attention,
         "sdpa": reduced_kv_attention_sdpa,
         "triton": fused and fused.reduced_kv_attention_triton,
-    }[_resolve(backend, q)]
+    }[_resolve(backend, q, q.shape[-1])]
     return implementation(q, k, v, scale)

@@ -1,11 +1,14 @@
 """torch.library registration of the fused Triton ops.
 
-Four custom ops in the ``sra_kernels`` namespace, each with a fake (meta) implementation so that
+Custom ops in the ``sra_kernels`` namespace, each with a fake (meta) implementation so that
 ``torch.compile`` traces them without graph breaks, and FLOP formulas so that
 ``torch.utils.flop_counter.FlopCounterMode`` counts them:
 
 * ``spatial_reduce`` / ``spatial_reduce_backward`` -- conv(kernel=stride=sr) + LayerNorm (or the
   PVTv2 linear pool + 1x1 conv + LayerNorm + GELU) from the (B, N, C) tokens;
+* ``project_and_reduce`` / ``project_and_reduce_backward`` -- the same plus the q projection, the two
+  consumers of x in SRA: the backward adds the reduction's dx into the q path's dx in the pass that
+  writes it, instead of autograd summing two full (B, N, C) gradients;
 * ``reduced_kv_attention`` / ``reduced_kv_attention_backward`` -- short-KV FlashAttention.
 
 The forward ops carry autograd (``register_autograd``) whose backward calls the backward op.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -38,7 +42,7 @@ def spatial_reduce_op(
 
 
 @spatial_reduce_op.register_fake
-def _(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps):
+def _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps):
     B, _, C = x.shape
     Hr, Wr = reduced_size(H, W, sr_ratio, linear)
     M = Hr * Wr
@@ -58,7 +62,8 @@ def spatial_reduce_backward_op(
 
 
 @spatial_reduce_backward_op.register_fake
-def _(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled, sr_ratio, linear, eps):
+def _spatial_reduce_backward_fake(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+                                  sr_ratio, linear, eps):
     return (x.new_empty(x.shape), sr_weight.new_empty(sr_weight.shape), sr_bias.new_empty(sr_bias.shape),
             norm_weight.new_empty(norm_weight.shape), norm_bias.new_empty(norm_bias.shape))
 
@@ -100,6 +105,83 @@ def _(x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
 def _(grad_y_shape, x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
     sr_ratio, linear = args[-3], args[-2]
     return 2 * _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear)  # grad input + grad weight
+
+
+# --------------------------------------------------------------------------- q projection + reduction
+@torch.library.custom_op("sra_kernels::project_and_reduce", mutates_args=())
+def project_and_reduce_op(
+    x: Tensor, H: int, W: int, q_weight: Tensor, q_bias: Tensor | None, sr_weight: Tensor, sr_bias: Tensor,
+    norm_weight: Tensor, norm_bias: Tensor, sr_ratio: int, linear: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (B, H*W, C) -> (q = x W_q^T + b_q (B, N, C), then the outputs of ``spatial_reduce``)."""
+    q = F.linear(x, q_weight, q_bias)
+    return (q, *spatial_reduce_forward(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps))
+
+
+@project_and_reduce_op.register_fake
+def _(x, H, W, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps):
+    reduced = _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
+    return (x.new_empty(x.shape), *reduced)
+
+
+@torch.library.custom_op("sra_kernels::project_and_reduce_backward", mutates_args=())
+def project_and_reduce_backward_op(
+    grad_q: Tensor, grad_y: Tensor, x: Tensor, H: int, W: int, q_weight: Tensor, sr_weight: Tensor, sr_bias: Tensor,
+    norm_weight: Tensor, norm_bias: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, pooled: Tensor,
+    sr_ratio: int, linear: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx = grad_q W_q + the reduction's dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias)."""
+    dx = torch.mm(grad_q.reshape(-1, x.shape[-1]), q_weight).view(x.shape)
+    return spatial_reduce_backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
+                                   z, mean, rstd, pooled, sr_ratio, linear, eps, dx_accumulate=dx)
+
+
+@project_and_reduce_backward_op.register_fake
+def _(grad_q, grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+      sr_ratio, linear, eps):
+    return _spatial_reduce_backward_fake(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
+                                        z, mean, rstd, pooled, sr_ratio, linear, eps)
+
+
+def _project_and_reduce_setup_context(ctx, inputs, output):
+    x, H, W, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps = inputs
+    _, _, z, mean, rstd, pooled = output
+    ctx.save_for_backward(x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled)
+    ctx.geometry = (H, W, sr_ratio, linear, eps)
+    ctx.has_q_bias = q_bias is not None
+    ctx.mark_non_differentiable(z, mean, rstd, pooled)
+
+
+def _project_and_reduce_backward(ctx, grad_q, grad_y, *_unused_grads):
+    x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
+    H, W, sr_ratio, linear, eps = ctx.geometry
+    dx, dw, db, dnw, dnb = project_and_reduce_backward_op(
+        grad_q, grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+        sr_ratio, linear, eps,
+    )
+    C = x.shape[-1]
+    grad_q = grad_q.reshape(-1, C)
+    dq_weight = grad_q.T @ x.reshape(-1, C)
+    dq_bias = grad_q.sum(0) if ctx.has_q_bias else None
+    return dx, None, None, dq_weight, dq_bias, dw, db, dnw, dnb, None, None, None
+
+
+project_and_reduce_op.register_autograd(_project_and_reduce_backward, setup_context=_project_and_reduce_setup_context)
+
+
+@register_flop_formula(torch.ops.sra_kernels.project_and_reduce)
+def _(x_shape, H, W, q_weight_shape, q_bias_shape, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
+    sr_ratio, linear = args[3], args[4]
+    projection = 2 * x_shape[0] * x_shape[1] * q_weight_shape[0] * q_weight_shape[1]
+    return projection + _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear)
+
+
+@register_flop_formula(torch.ops.sra_kernels.project_and_reduce_backward)
+def _(grad_q_shape, grad_y_shape, x_shape, H, W, q_weight_shape, sr_weight_shape, *args, out_shape=None,
+      **kwargs) -> int:
+    sr_ratio, linear = args[-3], args[-2]
+    projection_grad_input = 2 * x_shape[0] * x_shape[1] * q_weight_shape[0] * q_weight_shape[1]
+    return projection_grad_input + 2 * _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear)
 
 
 # --------------------------------------------------------------------------- attention

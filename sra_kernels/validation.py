@@ -14,6 +14,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """dtypes of x that the op accepts; the triton backend runs the first three."""
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""dtypes the Triton kernels take."""
+
+KERNEL_MAX_HEAD_DIM = 128
+"""Largest head_dim of the Triton attention kernels (PVT uses 64; larger tiles spill registers)."""
 
 
 def _describe(value) -> str:

@@ -13,14 +13,18 @@ KERNEL_DEVICES = (["cuda"] if CUDA else []) + (["cpu"] if INTERPRETER else [])
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seed every test; one intra-op thread (small shapes: on a busy 2-core CPU OpenMP threads
-    spin and run 5-30x slower)."""
+def _seed_threads_and_fp32():
+    """Seed every test; one intra-op thread (small shapes: on a busy 2-core CPU OpenMP threads spin
+    and run 5-30x slower); fp32 PyTorch math in true fp32 on CUDA (no TF32), so that the fp32 peer
+    of the accuracy rule is a real fp32 computation."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     torch.set_num_threads(1)
-    yield
+    torch.set_float32_matmul_precision("highest")
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        yield
     torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(precision)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -172,3 +172,30 @@ def test_non_contiguous_inputs(backend):
     kwargs["q_weight"] = kwargs["q_weight"].T.contiguous().T
     assert not kwargs["x"].is_contiguous() and not kwargs["q_weight"].is_contiguous()
     torch.testing.assert_close(sra_attention(**kwargs, backend=backend), expected)
+
+
+def _wide_call(backend):
+    """A valid call with one head of 160 channels (beyond the kernels' head_dim limit), fixed inputs."""
+    c = 160
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return sra_attention(r(1, 16, c), (4, 4), r(c, c), None, r(2 * c, c), None, r(c, c), None,
+                         num_heads=1, backend=backend)
+
+
+def test_triton_rejects_large_head_dim(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=r"head_dim \(C // num_heads\) must be <= 128 .*, got 160"):
+        _wide_call("triton")
+
+
+def test_auto_falls_back_to_sdpa_where_kernels_cannot_run(monkeypatch):
+    """auto (here resolving to triton through the environment) runs sdpa for head_dim > 128 and fp64."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SRA_KERNELS_BACKEND", "triton")
+    torch.testing.assert_close(_wide_call("auto"), _wide_call("sdpa"), rtol=0, atol=0)
+    kwargs = _args(dtype=torch.float64)
+    torch.testing.assert_close(sra_attention(**kwargs), sra_attention(**kwargs, backend="sdpa"), rtol=0, atol=0)

@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM
 from .interpreter import INTERPRETED, rounded_cast
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 128
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
@@ -334,10 +333,10 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _check_launchable(q: torch.Tensor) -> None:
     """Raise before launching what these kernels cannot run (dtype, head_dim, device)."""
-    if q.dtype not in _KERNEL_DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the Triton attention kernels take float16, bfloat16 or float32, got {q.dtype}")
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        raise ValueError(f"the Triton attention kernels take head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if q.shape[-1] > KERNEL_MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernels take head_dim <= {KERNEL_MAX_HEAD_DIM}, got {q.shape[-1]}")
     if q.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(f"the Triton attention kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
 

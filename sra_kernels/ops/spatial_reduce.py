@@ -178,7 +178,7 @@ def _reduce_norm_bwd_input_kernel(
     M, Wr, W_img, C, num_m_blocks, num_row_programs, steps_per_split,
     stride_gb, stride_gm, stride_gc,
     stride_db, stride_dn, stride_dc,
-    SR: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr,
+    SR: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """LayerNorm (+ GELU) backward of BLOCK_M rows, then da = dz @ w^T for this program's split of the K steps.
@@ -186,7 +186,7 @@ def _reduce_norm_bwd_input_kernel(
     gy: (B, M, C) through its strides; z (B, M, C), mean/rstd (B, M) from the forward; w (SR*SR*C, C) tap-major.
     Program (row block, 0) also writes dz (B, M, C) and rows [pid] of part (3, num_row_programs, C) fp32:
     the block's column sums of gy*xhat, gy (after GELU backward) and dz. da is scattered into the patches
-    through its strides (they never overlap).
+    through its strides (they never overlap); with ACCUMULATE it is added to what they hold.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -235,9 +235,11 @@ def _reduce_norm_bwd_input_kernel(
         w_t = tl.load(w_ptr + (tap * C + ci)[None, :] * C + c[:, None], mask=c_mask[:, None] & ci_mask[None, :],
                       other=0.0)
         da = _mma(dz, w_t, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), UPCAST)
-        tl.store(patches[:, None] + (tap_offset + ci * stride_dc)[None, :],
-                 rounded_cast(da, da_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & ci_mask[None, :])
+        ptrs = patches[:, None] + (tap_offset + ci * stride_dc)[None, :]
+        da_mask = m_mask[:, None] & ci_mask[None, :]
+        if ACCUMULATE:
+            da += tl.load(ptrs, mask=da_mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, rounded_cast(da, da_ptr.dtype.element_ty), mask=da_mask)
 
 
 @triton.jit
@@ -280,10 +282,11 @@ def _conv_weight_grad_kernel(
 def _adaptive_pool_bwd_kernel(
     dp_ptr, dx_ptr,
     N, H, W, C, num_n_blocks,
-    P: tl.constexpr, CELLS_H: tl.constexpr, CELLS_W: tl.constexpr,
+    P: tl.constexpr, CELLS_H: tl.constexpr, CELLS_W: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx (B, N, C) contiguous = sum over the pooling cells containing each token of dp (B, P*P, C) / area.
+    """dx (B, N, C) contiguous = sum over the pooling cells containing each token of dp (B, P*P, C) / area
+    (added to what dx holds with ACCUMULATE).
 
     Token row h lies in cells floor(P*h/H) .. floor((P*h + P-1)/H) (at most CELLS_H of them), likewise columns.
     """
@@ -311,9 +314,11 @@ def _adaptive_pool_bwd_kernel(
             cells = dp + (ph * P + pw) * C
             g = tl.load(cells[:, None] + c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
             acc += g.to(tl.float32) * (1.0 / (rows * cols).to(tl.float32))[:, None]
-    dx = dx_ptr + (b.to(tl.int64) * N + t) * C
-    tl.store(dx[:, None] + c[None, :], rounded_cast(acc, dx_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & c_mask[None, :])
+    dx = dx_ptr + (b.to(tl.int64) * N + t)[:, None] * C + c[None, :]
+    dx_mask = t_mask[:, None] & c_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dx, mask=dx_mask, other=0.0).to(tl.float32)
+    tl.store(dx, rounded_cast(acc, dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,12 +442,14 @@ def spatial_reduce_backward(
     grad_y: torch.Tensor, x: torch.Tensor, H: int, W: int,
     sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
     z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor,
-    sr_ratio: int, linear: bool, eps: float,
+    sr_ratio: int, linear: bool, eps: float, dx_accumulate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`spatial_reduce_forward`; grad_y (B, M, C) any strides; z .. pooled as it returned.
 
     Returns (dx (B, N, C) contiguous, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias), each with the
     shape and dtype of its input. Tokens the strided conv never reads get dx exactly 0. Deterministic.
+    ``dx_accumulate``: a contiguous (B, N, C) tensor in x.dtype (e.g. the gradient of x through another
+    path) to which the gradient is added in place, in the same pass that writes it; it is returned as dx.
     """
     if not linear and sr_ratio <= 1:
         raise ValueError(f"sr_ratio must be > 1 outside linear mode (sr_ratio 1 is the identity), got {sr_ratio}")
@@ -450,9 +457,13 @@ def spatial_reduce_backward(
     Hr, Wr = reduced_size(H, W, sr_ratio, linear)
     M = Hr * Wr
     dev = x.device
-    dx = _alloc((B, N, C), dtype=x.dtype, device=dev)
+    accumulate = dx_accumulate is not None
+    if accumulate and (dx_accumulate.shape != x.shape or dx_accumulate.dtype != x.dtype
+                       or not dx_accumulate.is_contiguous()):
+        raise ValueError(f"dx_accumulate must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}")
+    dx = dx_accumulate if accumulate else _alloc((B, N, C), dtype=x.dtype, device=dev)
     if B * M == 0:
-        return (dx.zero_(), torch.zeros_like(sr_weight), torch.zeros_like(sr_bias),
+        return (dx if accumulate else dx.zero_(), torch.zeros_like(sr_weight), torch.zeros_like(sr_bias),
                 torch.zeros_like(norm_weight), torch.zeros_like(norm_bias))
     z, mean, rstd = z.contiguous(), mean.contiguous(), rstd.contiguous()
     src, src_w, sr = _conv_geometry(x, pooled.contiguous(), W, sr_ratio, linear)
@@ -471,7 +482,7 @@ def spatial_reduce_backward(
         dz, da, norm_part,
         M, Wr, src_w, C, num_m_blocks, rows, steps_per_split,
         *grad_y.stride(), *da.stride(),
-        SR=sr, GELU=linear, UPCAST=INTERPRETED, **cfg,
+        SR=sr, GELU=linear, UPCAST=INTERPRETED, ACCUMULATE=accumulate and not linear, **cfg,
     )
 
     # Conv weight gradient: patches^T @ dz, split over tokens, partials summed in a fixed order.
@@ -495,9 +506,9 @@ def spatial_reduce_backward(
         _adaptive_pool_bwd_kernel[(B * num_n_blocks, triton.cdiv(C, block_c))](
             da, dx, N, H, W, C, num_n_blocks,
             P=P, CELLS_H=min(P, triton.cdiv(P, H) + 1), CELLS_W=min(P, triton.cdiv(P, W) + 1),
-            BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
+            ACCUMULATE=accumulate, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
         )
-    else:
+    elif not accumulate:
         image = dx.view(B, H, W, C)
         image[:, Hr * sr:].zero_()
         image[:, : Hr * sr, Wr * sr:].zero_()
