@@ -6,7 +6,6 @@ attention is :class:`sra_kernels.SpatialReductionAttention`.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +24,10 @@ def init_weights(module: nn.Module, *, conv_fan_out: bool) -> None:
     Linear: trunc_normal(std=.02), bias 0; LayerNorm: weight 1, bias 0; Conv2d: normal(0,
     sqrt(2 / fan_out)), bias 0 when ``conv_fan_out`` (PVT v2, MiT), else PyTorch's default (PVT v1).
     """
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
-        if not conv_fan_out:
-            module.reset_parameters()
-            return
-        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
-        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Conv2d) and not conv_fan_out:
+        module.reset_parameters()
+    else:
+        SpatialReductionAttention.init_weights(module)
 
 
 def tokens_to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

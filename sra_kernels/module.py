@@ -50,11 +50,12 @@ class SpatialReductionAttention(nn.Module):
         elif sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
 
     @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        """The official PVTv2 initialisation."""
+    def init_weights(m: nn.Module) -> None:
+        """The official PVTv2 initialisation of one module (use with ``module.apply``): Linear
+        trunc_normal(std=.02) and bias 0; LayerNorm 1 / 0; Conv2d normal(0, sqrt(2 / fan_out)), bias 0."""
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
