@@ -51,7 +51,7 @@ def test_reference_equals_official(B, H, W, C, heads, sr, linear):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("heads,sr", itertools.product([1, 2, 5, 8], [1, 2, 4, 8]))
+@pytest.mark.parametrize("heads,sr", list(itertools.product([1, 2, 5, 8], [1, 2, 4, 8])))
 def test_reference_equals_official_heads_and_ratios(heads, sr):
     C, H, W = 8 * heads, 17, 19
     official = _random_official(C, heads, sr, False)
