@@ -25,13 +25,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+"""Looked up once: torch.compile (2.11) breaks the graph on ``find_spec``."""
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the triton backend cannot run on ``device`` (None when it can)."""
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         return "Triton is not installed (pip install triton; Linux only)"
     if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
         return None
@@ -59,7 +59,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "").strip() or "auto"
         if backend == "auto":
-            if device.type == "cuda" and triton_installed():
+            if device.type == "cuda" and TRITON_INSTALLED:
                 return "triton"
             return "sdpa"
         source = f"the environment variable {ENV_VAR}"
