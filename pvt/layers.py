@@ -68,7 +68,17 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
-class PatchEmbed(nn.Module):
+class _ConvEmbed(nn.Module):
+    """A conv ``proj`` then a LayerNorm ``norm`` over the flattened tokens (the official names)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C_in, H_in, W_in) -> tokens (B, H*W, C) and (H, W)."""
+        x = self.proj(x)
+        size = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), size
+
+
+class PatchEmbed(_ConvEmbed):
     """PVT v1's non-overlapping patch embedding: Conv2d(kernel=stride=patch) + LayerNorm.
 
     ``grid`` = img_size // patch_size is the token grid its position embedding is stored on.
@@ -83,13 +93,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)
-        size = (x.shape[2], x.shape[3])
-        return self.norm(x.flatten(2).transpose(1, 2)), size
 
-
-class OverlapPatchEmbed(nn.Module):
+class OverlapPatchEmbed(_ConvEmbed):
     """PVT v2 / MiT overlapping patch embedding: Conv2d(patch, stride, padding=patch // 2) + LayerNorm.
 
     forward: (B, C_in, H_in, W_in) -> tokens (B, H*W, C), (H, W) with H = ceil(H_in / stride)
@@ -101,11 +106,6 @@ class OverlapPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride,
                               padding=patch_size // 2)
         self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)
-        size = (x.shape[2], x.shape[3])
-        return self.norm(x.flatten(2).transpose(1, 2)), size
 
 
 class DWConv(nn.Module):
