@@ -1,0 +1,107 @@
+"""Launch-plan sweep of the attention kernels on a GPU: data for the heuristic in ``ops/attention.py``.
+
+    python -m benchmarks.sweep_attention OUT.jsonl [--models pvt_v2_b2] [--budget-s 120]
+
+For each attention stage of the models at 224x224 (batch 64) and 512x512 (batch 16), bf16, times the
+forward and the backward (dQ, dK, dV) under the heuristic's own plan and under a grid of alternative
+plans (query block, warps, stages, programs per SM), by substituting ``ops.attention._plan``. Every
+alternative is first checked against the heuristic's output. One JSON line per (shape, pass, plan)
+with the median ms (``triton.testing.do_bench``), appended as it is measured, so a run cut short
+keeps what it measured; ``--budget-s`` stops starting new shapes after that many seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+import triton
+import triton.testing
+
+from sra_kernels.cost import model_stages
+from sra_kernels.ops import attention
+
+RESOLUTIONS = {224: 64, 512: 16}
+"""image size -> batch."""
+FWD_CHOICES = dict(block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3), per_sm=(2, 4, 0))
+BWD_CHOICES = dict(block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2), per_sm=(1, 2, 4))
+"""per_sm 0 means one program per query block (no persistence)."""
+
+
+def _variants(base: attention._Plan, choices: dict, N: int, batch_heads: int, sms: int):
+    for block_n, num_warps, num_stages, per_sm in itertools.product(*choices.values()):
+        programs = triton.cdiv(N, block_n)
+        if per_sm:
+            programs = max(1, min(programs, triton.cdiv(per_sm * sms, batch_heads)))
+        yield base._replace(block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                                  num_programs=programs), per_sm
+
+
+def _time(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def _with_plan(plan, fn):
+    original = attention._plan
+    attention._plan = lambda *args, **kwargs: plan
+    try:
+        return fn()
+    finally:
+        attention._plan = original
+
+
+def sweep_shape(B: int, N: int, M: int, h: int, d: int, write) -> None:
+    q, k, v, do = (torch.randn(B, n, h, d, device="cuda", dtype=torch.bfloat16) for n in (N, M, M, N))
+    scale = d**-0.5
+    o, lse = attention.attention_forward(q, k, v, scale)
+    grads = attention.attention_backward(do, q, k, v, o, lse, scale)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    passes = {
+        "fwd": (lambda: attention.attention_forward(q, k, v, scale), FWD_CHOICES, False, (o,)),
+        "bwd": (lambda: attention.attention_backward(do, q, k, v, o, lse, scale), BWD_CHOICES, True, grads),
+    }
+    for name, (fn, choices, backward, want) in passes.items():
+        base = attention._plan(N, M, d, B * h, q.dtype, q.device, backward=backward)
+        key = dict(B=B, N=N, M=M, heads=h, head_dim=d, dtype="bf16", pass_=name)
+        write(dict(key, plan=base._asdict(), per_sm="heuristic", ms=_time(fn)))
+        for plan, per_sm in _variants(base, choices, N, B * h, sms):
+            if plan == base:
+                continue
+            try:
+                got = _with_plan(plan, fn)
+                got = got[:len(want)]
+                error = max(((g.double() - w.double()).norm() / w.double().norm()).item() for g, w in zip(got, want))
+                ms = _with_plan(plan, lambda: _time(fn))
+                write(dict(key, plan=plan._asdict(), per_sm=per_sm, ms=ms, rel_error_vs_heuristic=error))
+            except Exception as exc:  # noqa: BLE001 - a plan that fails to compile is a result too
+                write(dict(key, plan=plan._asdict(), per_sm=per_sm, error=repr(exc)[:300]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("--models", nargs="+", default=["pvt_v2_b2"])
+    parser.add_argument("--budget-s", type=float, default=120.0)
+    args = parser.parse_args()
+    start = time.monotonic()
+    shapes = {(s.batch, s.tokens, s.reduced_tokens, s.heads, s.channels // s.heads)
+              for model in args.models for size, batch in RESOLUTIONS.items()
+              for s in model_stages(model, size, batch)}
+    with open(args.out, "a") as out:
+        def write(row):
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
+        for shape in sorted(shapes, key=lambda s: -s[1]):
+            if time.monotonic() - start > args.budget_s:
+                write(dict(skipped_shape=shape, reason=f"--budget-s {args.budget_s} spent"))
+                continue
+            sweep_shape(*shape, write)
+            print(f"swept B,N,M,h,d={shape} at {time.monotonic() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
