@@ -1,6 +1,6 @@
 """Launch-plan sweep of the attention kernels on a GPU: data for the heuristic in ``ops/attention.py``.
 
-    python -m benchmarks.sweep_attention OUT.jsonl [--models pvt_v2_b2] [--budget-s 120]
+    python -m benchmarks.sweep_attention OUT.jsonl [--models pvt_v2_b2] [--sizes 224 512] [--budget-s 120]
 
 For each attention stage of the models at 224x224 (batch 64) and 512x512 (batch 16), bf16, times the
 forward and the backward (dQ, dK, dV) under the heuristic's own plan and under a grid of alternative
@@ -26,8 +26,8 @@ from sra_kernels.ops import attention
 
 RESOLUTIONS = {224: 64, 512: 16}
 """image size -> batch."""
-FWD_CHOICES = dict(block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3), per_sm=(2, 4, 0))
-BWD_CHOICES = dict(block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2), per_sm=(1, 2, 4))
+FWD_CHOICES = {"block_n": (64, 128), "num_warps": (4, 8), "num_stages": (2, 3), "per_sm": (4, 8, 0)}
+BWD_CHOICES = {"block_n": (32, 64, 128), "num_warps": (4,), "num_stages": (1, 2), "per_sm": (2, 4, 8)}
 """per_sm 0 means one program per query block (no persistence)."""
 
 
@@ -65,7 +65,7 @@ def sweep_shape(B: int, N: int, M: int, h: int, d: int, write) -> None:
     }
     for name, (fn, choices, backward, want) in passes.items():
         base = attention._plan(N, M, d, B * h, q.dtype, q.device, backward=backward)
-        key = dict(B=B, N=N, M=M, heads=h, head_dim=d, dtype="bf16", pass_=name)
+        key = {"B": B, "N": N, "M": M, "heads": h, "head_dim": d, "dtype": "bf16", "pass_": name}
         write(dict(key, plan=base._asdict(), per_sm="heuristic", ms=_time(fn)))
         for plan, per_sm in _variants(base, choices, N, B * h, sms):
             if plan == base:
@@ -84,12 +84,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
     parser.add_argument("--models", nargs="+", default=["pvt_v2_b2"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(RESOLUTIONS), choices=list(RESOLUTIONS))
     parser.add_argument("--budget-s", type=float, default=120.0)
     args = parser.parse_args()
     start = time.monotonic()
     shapes = {(s.batch, s.tokens, s.reduced_tokens, s.heads, s.channels // s.heads)
-              for model in args.models for size, batch in RESOLUTIONS.items()
-              for s in model_stages(model, size, batch)}
+              for model in args.models for size in args.sizes
+              for s in model_stages(model, size, RESOLUTIONS[size])}
     with open(args.out, "a") as out:
         def write(row):
             out.write(json.dumps(row) + "\n")
@@ -97,7 +98,7 @@ def main() -> None:
 
         for shape in sorted(shapes, key=lambda s: -s[1]):
             if time.monotonic() - start > args.budget_s:
-                write(dict(skipped_shape=shape, reason=f"--budget-s {args.budget_s} spent"))
+                write({"skipped_shape": shape, "reason": f"--budget-s {args.budget_s} spent"})
                 continue
             sweep_shape(*shape, write)
             print(f"swept B,N,M,h,d={shape} at {time.monotonic() - start:.0f} s", flush=True)

@@ -77,7 +77,13 @@ def _setup_distributed() -> tuple[bool, int, torch.device]:
     if not distributed:
         return False, 0, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): start at most "
+                "that many processes per node (torchrun --nproc_per_node), or set CUDA_VISIBLE_DEVICES= to train on "
+                "the CPU with gloo")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True, dist.get_rank(), device

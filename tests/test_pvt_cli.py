@@ -95,10 +95,23 @@ def test_train_ddp_two_processes(tmp_path):
     path = tmp_path / "ddp.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pvt", "train", "pvt_v2_b0", "--epochs", "1", "--save", str(path), *QUICK_TRAIN]
-    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    env = dict(_env(), CUDA_VISIBLE_DEVICES="")  # two ranks need two GPUs with nccl: gloo on the CPU here
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "on 2 process(es)" in result.stdout
     assert len(re.findall(r"epoch 1/1: train loss", result.stdout)) == 1, result.stdout
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 0
     assert int(checkpoint["optimizer"]["state"][0]["step"]) == 2  # 64 images / (2 ranks x 16)
+
+
+def test_ddp_rank_without_a_gpu_is_refused(monkeypatch):
+    """More ranks per node than GPUs: a clear ValueError, not CUDA's 'invalid device ordinal'."""
+    from pvt import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="local rank 1 has no GPU of its own"):
+        train._setup_distributed()

@@ -139,7 +139,8 @@ def test_unread_tokens_get_exactly_zero_gradient(kernel_device):
 
 @pytest.mark.parametrize("linear", [False, True], ids=["strided", "linear"])
 def test_non_contiguous_inputs(linear, kernel_device):
-    """x as a channel-strided view, or x and grad_y as transposed tensors: bit-identical results."""
+    """x as a channel-strided view, or x and grad_y as transposed tensors: the same results (bit-identical
+    in the interpreter; natively the compiler may vectorise contiguous loads and reorder fp32 sums)."""
     B, H, W, C, sr = 2, 9, 11, 32, 2
     inputs, grad = _problem(B, H, W, C, sr, linear, torch.float32, kernel_device)
     x = inputs[0]
@@ -154,7 +155,10 @@ def test_non_contiguous_inputs(linear, kernel_device):
         assert not view.is_contiguous()
         got = _kernels([view, *inputs[1:]], grad_view, H, W, sr, linear)
         for a, b in zip((got[0], *got[1], *got[2]), (expected[0], *expected[1], *expected[2])):
-            assert torch.equal(a, b)
+            if kernel_device.type == "cpu":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("linear", [False, True], ids=["strided", "linear"])

@@ -308,22 +308,21 @@ def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: 
         kv_max = 16 if backward and block_d > 64 else 32
         block_m = max(16, triton.next_power_of_2(M)) if M <= kv_max else kv_max
         block_n = 16 if backward else 32
-        num_warps = 8
+        num_warps, num_stages = 8, 2
     else:
         # Longest key set kept whole on chip: K and V (and, backward, the fp32 dK/dV accumulators).
         kv_max = (128 if backward else 256) * 64 // max(block_d, 64)
         block_m = max(16, triton.next_power_of_2(M)) if M <= kv_max else min(kv_max, 64 if backward else 128)
-        if backward:
-            block_n = 32 if block_m * block_d > 64 * 64 else 64
-        else:
-            block_n = 128 if block_d <= 64 and block_m <= 128 else 64
-        biggest_tile = max(block_n * block_m, block_m * block_d, block_n * block_d)
-        num_warps = 8 if biggest_tile >= (4096 if backward else 8192) else 4
-    # Forward: several programs per SM hide latency. Backward: each program owns one dK/dV partial,
-    # so the partials stay bounded by about two per SM.
-    per_sm = 2 if backward else 4
+        # Measured on an H200 (benchmarks/sweep_attention.py, d = 64, M = 256): 64-row query blocks
+        # and 4 warps beat 8 warps by 1.5-2x in both passes. head_dim > 64 needs 8 warps not to spill.
+        block_n = 32 if backward and block_m * block_d > 64 * 64 else 64
+        num_warps = 8 if block_d > 64 else 4
+        num_stages = 2 if backward else 3
+    # Several programs per SM hide latency. Backward: each program owns one dK/dV partial (fp32,
+    # B*M*h*d*2 each), so the partials stay bounded by about four per SM.
+    per_sm = 4
     num_programs = max(1, min(triton.cdiv(N, block_n), triton.cdiv(per_sm * _num_sms(device), batch_heads)))
-    return _Plan(block_n, block_m, block_d, M <= kv_max, num_programs, num_warps, 2)
+    return _Plan(block_n, block_m, block_d, M <= kv_max, num_programs, num_warps, num_stages)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
