@@ -13,6 +13,10 @@ Reporting to pytest-benchmark (:class:`ReplayClock`)
     min / median / mean / stddev / rounds are the statistics of the device-timed calls and nothing
     else; the replayed rounds do no work.
 
+GPU kernel time (:func:`kernel_ms`): torch.profiler's summed device time of the kernels of a few
+    calls, reported beside the median as ``gpu_ms``: the median is what an eager caller waits, host
+    launch overhead included; ``gpu_ms`` is the kernels alone.
+
 Ceilings (:func:`measure_ceilings`): a large device-to-device copy (bytes read + written per second)
 and a large square matmul per dtype (FLOP/s) on random data, timed the same way.
 """
@@ -85,6 +89,24 @@ def peak_memory_mb(fn) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 1e6
+
+
+def kernel_ms(fn, calls: int = 5) -> float | None:
+    """GPU kernel time per call of an already warmed-up ``fn``: the summed device time of every kernel,
+    copy and memset it launches (torch.profiler), without the host's launch gaps (None on CPU).
+
+    Next to the event-timed median this separates the kernels' cost from the host's: when the host
+    takes longer to enqueue a call than the GPU to run it, the median measures the host."""
+    if not CUDA:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / calls / 1e3
 
 
 def rotating(count: int):

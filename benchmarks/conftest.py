@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from benchmarks import CUDA, REPLAY_CLOCK, Ceilings, device_name, measure_ceilings, median, report, roofline_info
+from benchmarks import (
+    CUDA,
+    REPLAY_CLOCK,
+    Ceilings,
+    device_name,
+    measure_ceilings,
+    median,
+    report,
+    roofline_info,
+)
 
 CPU_NOTE = ("CPU run, a smoke run and not the performance result: op rows at 224x224 and batch 1, one pvt_v2_b0 "
             "model row; 512x512, 800x1333 and the GPU batch sizes are GPU rows; the triton provider runs on CUDA "
@@ -143,8 +152,9 @@ def pytest_terminal_summary(terminalreporter, config):
         if any(row["kind"] == kind for row in results.rows):
             write(f"\n{kind} timings (median ms):")
             write(report.op_table(results.rows) if kind == "op" else report.model_table(results.rows))
-            if any(row["kind"] == kind and row.get("peak_mem_mb") is not None for row in results.rows):
-                write(f"\n{kind} peak memory (MB above the inputs):")
-                write(report.memory_table(results.rows, kind))
+            for field, (what, _) in report.PER_PROVIDER_TABLES.items():
+                if any(row["kind"] == kind and row.get(field) is not None for row in results.rows):
+                    write(f"\n{kind} {what}:")
+                    write(report.provider_table(results.rows, kind, field))
     for reason, count in sorted(results.skips.items()):
         write(f"skipped {count}: {reason}")

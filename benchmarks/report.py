@@ -154,8 +154,15 @@ def model_table(rows: list[dict]) -> str:
     return markdown_table(headers, lines)
 
 
-def memory_table(rows: list[dict], kind: str) -> str:
-    """Peak memory (MB above the inputs) per provider; op rows also show the eager score matrix size."""
+PER_PROVIDER_TABLES = {
+    "peak_mem_mb": ("peak memory (MB above the inputs)", "peak MB"),
+    "gpu_ms": ("GPU kernel ms per call (torch.profiler; the median above adds the host's launch gaps)", "GPU ms"),
+}
+"""Row field -> (table title, column suffix) of the per-provider tables."""
+
+
+def provider_table(rows: list[dict], kind: str, field: str) -> str:
+    """``field`` (a key of ``PER_PROVIDER_TABLES``) per provider; op rows also show the eager score matrix size."""
     cases = _cases(rows, kind)
     providers, _ = _present(cases)
     headers = (_OP_KEY_HEADERS + ["scores MB"]) if kind == "op" else _MODEL_KEY_HEADERS
@@ -163,8 +170,9 @@ def memory_table(rows: list[dict], kind: str) -> str:
     for by_provider in cases.values():
         first = next(iter(by_provider.values()))
         key = (_op_key(first) + [first["scores_mb"]]) if kind == "op" else _model_key(first)
-        lines.append(key + _per_provider(by_provider, providers, "peak_mem_mb"))
-    return markdown_table(headers + [f"{p} peak MB" for p in providers], lines)
+        lines.append(key + _per_provider(by_provider, providers, field))
+    suffix = PER_PROVIDER_TABLES[field][1]
+    return markdown_table(headers + [f"{p} {suffix}" for p in providers], lines)
 
 
 def machine_lines(machine: dict) -> list[str]:
@@ -180,8 +188,9 @@ def markdown(rows: list[dict], machines: list[dict]) -> str:
                                ("model", "Models: median ms per step", model_table)):
         if any(r["kind"] == kind for r in rows):
             parts += [f"## {title}", "", table(rows), ""]
-        if any(r["kind"] == kind and r.get("peak_mem_mb") is not None for r in rows):
-            parts += [f"## {title.split(':')[0]}: peak memory (MB above the inputs)", "", memory_table(rows, kind), ""]
+        for field, (what, _) in PER_PROVIDER_TABLES.items():
+            if any(r["kind"] == kind and r.get(field) is not None for r in rows):
+                parts += [f"## {title.split(':')[0]}: {what}", "", provider_table(rows, kind, field), ""]
     return "\n".join(parts)
 
 

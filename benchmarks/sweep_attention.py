@@ -6,7 +6,7 @@ For each attention stage of the models at 224x224 (batch 64) and 512x512 (batch 
 forward and the backward (dQ, dK, dV) under the heuristic's own plan and under a grid of alternative
 plans (query block, warps, stages, programs per SM), by substituting ``ops.attention._plan``. Every
 alternative is first checked against the heuristic's output. One JSON line per (shape, pass, plan)
-with the median ms (``triton.testing.do_bench``), appended as it is measured, so a run cut short
+with the median ms of CUDA-graph replays, appended as it is measured, so a run cut short
 keeps what it measured; ``--budget-s`` stops starting new shapes after that many seconds.
 """
 
@@ -41,7 +41,9 @@ def _variants(base: attention._Plan, choices: dict, N: int, batch_heads: int, sm
 
 
 def _time(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    """Median ms of CUDA-graph replays: the kernels alone (eager timing of calls this short measures
+    the host's launch overhead, as a first H200 run of this sweep showed)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
 def _with_plan(plan, fn):

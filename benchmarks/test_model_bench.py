@@ -15,7 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import CUDA, DEVICE, ROTATE, measure, peak_memory_mb, rotating, synchronize
+from benchmarks import (
+    CUDA,
+    DEVICE,
+    ROTATE,
+    kernel_ms,
+    measure,
+    peak_memory_mb,
+    rotating,
+    synchronize,
+)
 
 pvt = pytest.importorskip("pvt", reason="the pvt models package is not importable (yet)")
 
@@ -79,6 +88,7 @@ def test_model(model, precision, mode, provider, results, record):
     step()  # warm-up: kernels compiled, optimizer state allocated
     synchronize()
     peak = peak_memory_mb(step)
+    gpu_ms = kernel_ms(step)
     samples = measure(step)
     row = record(f"{model} {image}x{image} B{batch} {precision} {mode}", provider, samples, kind="model",
                  model=model, image=f"{image}x{image}", batch=batch, precision=precision, mode=mode,

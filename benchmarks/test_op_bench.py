@@ -22,7 +22,17 @@ import os
 import pytest
 import torch
 
-from benchmarks import CUDA, DEVICE, ROTATE, dtype_name, measure, peak_memory_mb, rotating, synchronize
+from benchmarks import (
+    CUDA,
+    DEVICE,
+    ROTATE,
+    dtype_name,
+    kernel_ms,
+    measure,
+    peak_memory_mb,
+    rotating,
+    synchronize,
+)
 from sra_kernels import SpatialReductionAttention
 from sra_kernels.cost import SRACost, SRAShape, model_stages, sra_attention_cost
 
@@ -145,8 +155,9 @@ def test_sra_op(case, dtype, mode, provider, results, record):
     for t in grads:
         t.grad = None
     peak = peak_memory_mb(call)
+    gpu_ms = kernel_ms(call)
     samples = measure(call, grads)
     cost = sra_attention_cost(shape, dtype, MODES[mode])
     record(f"{case.id} B{shape.batch} {dtype_name(dtype)} {mode}", provider, samples, cost=cost,
-           peak_mem_mb=peak, compile_mode=COMPILE_MODE if provider == "compiled" else None,
+           peak_mem_mb=peak, gpu_ms=gpu_ms, compile_mode=COMPILE_MODE if provider == "compiled" else None,
            **_fields(case, shape, dtype, mode, cost))

@@ -8,8 +8,13 @@ import torch
 from . import reference
 from .dispatch import resolve_backend
 from .torch_sdpa import reduced_kv_attention_sdpa, sra_attention_sdpa
-from .validation import (KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM, check_attention_args,
-                         check_spatial_reduction_args, check_sra_args)
+from .validation import (
+    KERNEL_DTYPES,
+    KERNEL_MAX_HEAD_DIM,
+    check_attention_args,
+    check_spatial_reduction_args,
+    check_sra_args,
+)
 
 try:
     from . import fused

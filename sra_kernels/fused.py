@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .library import project_and_reduce_op, reduced_kv_attention_op, spatial_reduce_op
+from .library import project_and_reduce, reduced_kv_attention, spatial_reduce
 
 
 def _autocast_inputs(x, *tensors):
@@ -38,7 +38,7 @@ def spatial_reduce_triton(x, size, sr_weight, sr_bias, norm_weight, norm_bias, *
     if not linear and sr_ratio == 1:
         return x
     x, sr_weight, *optional = _autocast_inputs(x, sr_weight, sr_bias, norm_weight, norm_bias)
-    return spatial_reduce_op(x, *size, sr_weight, *_filled(x.shape[-1], x, *optional), sr_ratio, linear, eps)[0]
+    return spatial_reduce(x, *size, sr_weight, *_filled(x.shape[-1], x, *optional), sr_ratio, linear, eps)[0]
 
 
 def reduced_kv_attention_triton(q, k, v, scale=None):
@@ -46,7 +46,7 @@ def reduced_kv_attention_triton(q, k, v, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v = _autocast_inputs(q, k, v)
-    return reduced_kv_attention_op(q, k, v, scale)[0]
+    return reduced_kv_attention(q, k, v, scale)[0]
 
 
 def sra_attention_triton(
@@ -64,7 +64,7 @@ def sra_attention_triton(
     if linear or sr_ratio > 1:
         x, q_weight, q_bias, sr_weight, *optional = _autocast_inputs(
             x, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias)
-        q, reduced = project_and_reduce_op(x, *size, q_weight, q_bias, sr_weight, *_filled(C, x, *optional),
+        q, reduced = project_and_reduce(x, *size, q_weight, q_bias, sr_weight, *_filled(C, x, *optional),
                                            sr_ratio, linear, eps)[:2]
     else:
         q, reduced = F.linear(x, q_weight, q_bias), x

@@ -21,24 +21,71 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from .ops.attention import attention_backward, attention_forward
-from .ops.spatial_reduce import reduced_size, spatial_reduce_backward, spatial_reduce_forward
+from .ops.spatial_reduce import (
+    reduced_size,
+    spatial_reduce_backward,
+    spatial_reduce_forward,
+)
 from .reference import LINEAR_POOL_SIZE
 
 ATOMIC_BACKWARD_ENV_VAR = "SRA_KERNELS_ATOMIC_BACKWARD"
 """Set to 1 to reduce dK/dV with fp32 atomics (less memory, not bit-reproducible)."""
 
 
+# --------------------------------------------------------------------------- eager fast path
+def _eager(x: Tensor) -> bool:
+    """True for an eager call on a real tensor: run the Python implementations directly.
+
+    The dispatcher and torch.library's autograd wrapper cost ~0.1-0.3 ms of host time per op call,
+    longer than the kernels at PVT sizes. Traced calls (torch.compile, export, fake or functional
+    tensors), dispatch modes and functorch transforms take the registered ops, which is what makes
+    them graph-break free and visible to those modes.
+    """
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0  # e.g. FlopCounterMode counts the ops
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _run(op, impl, *args):
+    """``op(*args)``, or its implementation ``impl(*args)`` directly in eager mode (see :func:`_eager`)."""
+    return impl(*args) if _eager(args[0]) else op(*args)
+
+
+def _entry_point(op, impl, setup_context, backward):
+    """The callable for ``op`` with autograd: in eager mode an ``autograd.Function`` over ``impl`` with
+    the op's own ``setup_context`` and ``backward``; the registered op when traced."""
+
+    def forward(ctx, *args):  # the ctx-taking form: apply() then skips binding a signature per call
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    function = type(f"{op._name.split('::')[-1]}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*args):
+        return function.apply(*args) if _eager(args[0]) else op(*args)
+
+    return call
+
+
 # --------------------------------------------------------------------------- spatial reduction
-@torch.library.custom_op("sra_kernels::spatial_reduce", mutates_args=())
-def spatial_reduce_op(
+def _spatial_reduce_impl(
     x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
     sr_ratio: int, linear: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x (B, H*W, C) -> (y (B, M, C), z (B, M, C), mean (B, M), rstd (B, M), pooled (B, 49 or 0, C))."""
     return spatial_reduce_forward(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
+
+
+spatial_reduce_op = torch.library.custom_op("sra_kernels::spatial_reduce", mutates_args=())(_spatial_reduce_impl)
 
 
 @spatial_reduce_op.register_fake
@@ -51,14 +98,17 @@ def _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr
     return x.new_empty((B, M, C)), x.new_empty((B, M, C)), stats, torch.empty_like(stats), pooled
 
 
-@torch.library.custom_op("sra_kernels::spatial_reduce_backward", mutates_args=())
-def spatial_reduce_backward_op(
+def _spatial_reduce_backward_impl(
     grad_y: Tensor, x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor,
     norm_bias: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, pooled: Tensor, sr_ratio: int, linear: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias), each shaped like its input."""
     return spatial_reduce_backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
                                    z, mean, rstd, pooled, sr_ratio, linear, eps)
+
+
+spatial_reduce_backward_op = torch.library.custom_op("sra_kernels::spatial_reduce_backward", mutates_args=())(
+    _spatial_reduce_backward_impl)
 
 
 @spatial_reduce_backward_op.register_fake
@@ -79,13 +129,15 @@ def _spatial_reduce_setup_context(ctx, inputs, output):
 def _spatial_reduce_backward(ctx, grad_y, *_unused_grads):
     x, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
     H, W, sr_ratio, linear, eps = ctx.geometry
-    dx, dw, db, dnw, dnb = spatial_reduce_backward_op(
+    dx, dw, db, dnw, dnb = _run(spatial_reduce_backward_op, _spatial_reduce_backward_impl,
         grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled, sr_ratio, linear, eps
     )
     return dx, None, None, dw, db, dnw, dnb, None, None, None
 
 
 spatial_reduce_op.register_autograd(_spatial_reduce_backward, setup_context=_spatial_reduce_setup_context)
+spatial_reduce = _entry_point(spatial_reduce_op, _spatial_reduce_impl, _spatial_reduce_setup_context,
+                              _spatial_reduce_backward)
 
 
 def _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear) -> int:
@@ -108,8 +160,7 @@ def _(grad_y_shape, x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwa
 
 
 # --------------------------------------------------------------------------- q projection + reduction
-@torch.library.custom_op("sra_kernels::project_and_reduce", mutates_args=())
-def project_and_reduce_op(
+def _project_and_reduce_impl(
     x: Tensor, H: int, W: int, q_weight: Tensor, q_bias: Tensor | None, sr_weight: Tensor, sr_bias: Tensor,
     norm_weight: Tensor, norm_bias: Tensor, sr_ratio: int, linear: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -118,14 +169,17 @@ def project_and_reduce_op(
     return (q, *spatial_reduce_forward(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps))
 
 
+project_and_reduce_op = torch.library.custom_op("sra_kernels::project_and_reduce", mutates_args=())(
+    _project_and_reduce_impl)
+
+
 @project_and_reduce_op.register_fake
 def _(x, H, W, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps):
     reduced = _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
     return (x.new_empty(x.shape), *reduced)
 
 
-@torch.library.custom_op("sra_kernels::project_and_reduce_backward", mutates_args=())
-def project_and_reduce_backward_op(
+def _project_and_reduce_backward_impl(
     grad_q: Tensor, grad_y: Tensor, x: Tensor, H: int, W: int, q_weight: Tensor, sr_weight: Tensor, sr_bias: Tensor,
     norm_weight: Tensor, norm_bias: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, pooled: Tensor,
     sr_ratio: int, linear: bool, eps: float,
@@ -134,6 +188,10 @@ def project_and_reduce_backward_op(
     dx = torch.mm(grad_q.reshape(-1, x.shape[-1]), q_weight).view(x.shape)
     return spatial_reduce_backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
                                    z, mean, rstd, pooled, sr_ratio, linear, eps, dx_accumulate=dx)
+
+
+project_and_reduce_backward_op = torch.library.custom_op("sra_kernels::project_and_reduce_backward", mutates_args=())(
+    _project_and_reduce_backward_impl)
 
 
 @project_and_reduce_backward_op.register_fake
@@ -155,7 +213,7 @@ def _project_and_reduce_setup_context(ctx, inputs, output):
 def _project_and_reduce_backward(ctx, grad_q, grad_y, *_unused_grads):
     x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
     H, W, sr_ratio, linear, eps = ctx.geometry
-    dx, dw, db, dnw, dnb = project_and_reduce_backward_op(
+    dx, dw, db, dnw, dnb = _run(project_and_reduce_backward_op, _project_and_reduce_backward_impl,
         grad_q, grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
         sr_ratio, linear, eps,
     )
@@ -167,6 +225,8 @@ def _project_and_reduce_backward(ctx, grad_q, grad_y, *_unused_grads):
 
 
 project_and_reduce_op.register_autograd(_project_and_reduce_backward, setup_context=_project_and_reduce_setup_context)
+project_and_reduce = _entry_point(project_and_reduce_op, _project_and_reduce_impl, _project_and_reduce_setup_context,
+                                  _project_and_reduce_backward)
 
 
 @register_flop_formula(torch.ops.sra_kernels.project_and_reduce)
@@ -185,10 +245,13 @@ def _(grad_q_shape, grad_y_shape, x_shape, H, W, q_weight_shape, sr_weight_shape
 
 
 # --------------------------------------------------------------------------- attention
-@torch.library.custom_op("sra_kernels::reduced_kv_attention", mutates_args=())
-def reduced_kv_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _reduced_kv_attention_impl(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """q (B, N, h, d), k/v (B, M, h, d) -> (o (B, N, h, d), lse (B, h, N) fp32)."""
     return attention_forward(q, k, v, scale)
+
+
+reduced_kv_attention_op = torch.library.custom_op("sra_kernels::reduced_kv_attention", mutates_args=())(
+    _reduced_kv_attention_impl)
 
 
 @reduced_kv_attention_op.register_fake
@@ -197,12 +260,15 @@ def _(q, k, v, scale):
     return q.new_empty(q.shape), q.new_empty((B, h, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("sra_kernels::reduced_kv_attention_backward", mutates_args=())
-def reduced_kv_attention_backward_op(
+def _reduced_kv_attention_backward_impl(
     grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like q, k, v (contiguous)."""
     return attention_backward(grad_o, q, k, v, o, lse, scale, deterministic)
+
+
+reduced_kv_attention_backward_op = torch.library.custom_op(
+    "sra_kernels::reduced_kv_attention_backward", mutates_args=())(_reduced_kv_attention_backward_impl)
 
 
 @reduced_kv_attention_backward_op.register_fake
@@ -221,11 +287,14 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_backward(ctx, grad_o, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
     deterministic = os.environ.get(ATOMIC_BACKWARD_ENV_VAR, "0") != "1"
-    dq, dk, dv = reduced_kv_attention_backward_op(grad_o, q, k, v, o, lse, ctx.scale, deterministic)
+    dq, dk, dv = _run(reduced_kv_attention_backward_op, _reduced_kv_attention_backward_impl,
+                      grad_o, q, k, v, o, lse, ctx.scale, deterministic)
     return dq, dk, dv, None
 
 
 reduced_kv_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+reduced_kv_attention = _entry_point(reduced_kv_attention_op, _reduced_kv_attention_impl, _attention_setup_context,
+                                    _attention_backward)
 
 
 def _to_bhsd(shape):

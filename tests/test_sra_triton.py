@@ -130,6 +130,22 @@ def test_opcheck_backward_ops(kernel_device):
 
 
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
+def test_eager_fast_path_matches_registered_ops(linear, sr, kernel_device, monkeypatch):
+    """Eager calls skip the dispatcher (library._eager); forcing the registered ops gives identical bits."""
+    from sra_kernels import library
+
+    B, H, W, C, heads = 2, 6, 5, 32, 2
+    x, weights = _problem(B, H, W, C, sr, linear, kernel_device, torch.float32)
+    grad = torch.randn(B, H * W, C, device=kernel_device)
+    assert library._eager(x)
+    fast = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", torch.float32)
+    monkeypatch.setattr(library, "_eager", lambda x: False)
+    registered = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", torch.float32)
+    for a, b in zip(fast, registered):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
 def test_compile_fullgraph_no_graph_break(linear, sr, kernel_device):
     """The module compiles as one graph (aot_eager on the interpreter; inductor on CUDA), grads included."""
     module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=sr, linear=linear, backend="triton")

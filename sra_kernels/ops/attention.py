@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..validation import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM
 from .interpreter import INTERPRETED, rounded_cast
+from .launch import cdiv, next_power_of_2
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -295,33 +296,39 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)
 def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: torch.device, *,
           backward: bool) -> _Plan:
     """Per-shape launch heuristic for sm_80 and sm_90 (no autotuning).
 
     Chosen by compiling for both targets: fp16/bf16 plans spill at most a few hundred bytes.
     """
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     if dtype == torch.float32:
         # fp32 dots (input_precision="ieee") run on FMA units, which hold whole operand tiles in
         # registers: small tiles, and K/V are re-read per query block unless M is tiny.
         kv_max = 16 if backward and block_d > 64 else 32
-        block_m = max(16, triton.next_power_of_2(M)) if M <= kv_max else kv_max
+        block_m = max(16, next_power_of_2(M)) if M <= kv_max else kv_max
         block_n = 16 if backward else 32
         num_warps, num_stages = 8, 2
     else:
         # Longest key set kept whole on chip: K and V (and, backward, the fp32 dK/dV accumulators).
         kv_max = (128 if backward else 256) * 64 // max(block_d, 64)
-        block_m = max(16, triton.next_power_of_2(M)) if M <= kv_max else min(kv_max, 64 if backward else 128)
+        block_m = max(16, next_power_of_2(M)) if M <= kv_max else min(kv_max, 64 if backward else 128)
         # Measured on an H200 (benchmarks/sweep_attention.py, d = 64, M = 256): 64-row query blocks
         # and 4 warps beat 8 warps by 1.5-2x in both passes. head_dim > 64 needs 8 warps not to spill.
         block_n = 32 if backward and block_m * block_d > 64 * 64 else 64
         num_warps = 8 if block_d > 64 else 4
-        num_stages = 2 if backward else 3
+        num_stages = 3
+    if backward:
+        # Triton 3.6 on an H200: software-pipelining the backward's query loop (num_stages 2) gave
+        # dK relative errors of 1e-2 to 1 at head_dim 128 (M = 100, key loop), for every block
+        # size and warp count tried, with atomics or partials; num_stages 1 was right in all of them.
+        num_stages = 1
     # Several programs per SM hide latency. Backward: each program owns one dK/dV partial (fp32,
     # B*M*h*d*2 each), so the partials stay bounded by about four per SM.
     per_sm = 4
-    num_programs = max(1, min(triton.cdiv(N, block_n), triton.cdiv(per_sm * _num_sms(device), batch_heads)))
+    num_programs = max(1, min(cdiv(N, block_n), cdiv(per_sm * _num_sms(device), batch_heads)))
     return _Plan(block_n, block_m, block_d, M <= kv_max, num_programs, num_warps, num_stages)
 
 
@@ -399,7 +406,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         delta = lse  # unused: the kernel computes delta from o itself
     else:
         delta = _empty((B, H, N), torch.float32, q.device)
-        _bwd_delta_kernel[(B * H, triton.cdiv(N, plan.block_n))](
+        _bwd_delta_kernel[(B * H, cdiv(N, plan.block_n))](
             o, do, delta, *o.stride(), *do.stride(), N, H, D,
             BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, UPCAST=INTERPRETED, num_warps=4,
         )
@@ -413,7 +420,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dk = _empty((B, M, H, D), q.dtype, q.device)
     dv = _empty((B, M, H, D), q.dtype, q.device)
     block = 1024
-    _sum_partials_kernel[(triton.cdiv(dk.numel(), block),)](
+    _sum_partials_kernel[(cdiv(dk.numel(), block),)](
         dkv, dk, dv, dkv.shape[0], dk.numel(), dkv.stride(0), BLOCK=block, num_warps=4,
     )
     return dq, dk, dv

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..reference import LINEAR_POOL_SIZE
 from .interpreter import INTERPRETED, rounded_cast
-
+from .launch import cdiv, next_power_of_2
 
 _TARGET_PROGRAMS = 528
 """Programs a reduction grid should offer before it is split further: 4 waves of an H100's 132 SMs."""
@@ -336,7 +336,7 @@ def _channel_block(C: int, elem_size: int) -> int:
 
 def _row_config(C: int, elem_size: int, tile: int) -> dict:
     """Launch parameters of a row kernel: BLOCK_M rows x the whole channel row (BLOCK_C >= C), <= `tile` elements."""
-    block_c = max(16, triton.next_power_of_2(C))
+    block_c = max(16, next_power_of_2(C))
     block_m = max(16, min(64, tile // block_c))
     block_k = _channel_block(C, elem_size)
     stage_bytes = (block_m + block_c) * block_k * elem_size
@@ -350,7 +350,7 @@ def _row_config(C: int, elem_size: int, tile: int) -> dict:
 def _weight_grad_config(C: int, elem_size: int) -> dict:
     """Launch parameters of the weight-gradient kernel: (BLOCK_K x BLOCK_N) output tiles, BLOCK_T tokens a step."""
     block_k = _channel_block(C, elem_size)
-    block_n = min(128 if elem_size == 2 else 64, max(16, triton.next_power_of_2(C)))
+    block_n = min(128 if elem_size == 2 else 64, max(16, next_power_of_2(C)))
     return dict(
         BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_T=64 if elem_size == 2 else 32,
         num_warps=8 if block_k * block_n >= 4096 else 4, num_stages=3,
@@ -359,10 +359,10 @@ def _weight_grad_config(C: int, elem_size: int) -> dict:
 
 def _split(total: int, block: int, tiles: int) -> tuple[int, int]:
     """Split `total` items (in blocks) so that tiles * splits approaches _TARGET_PROGRAMS: (per_split, splits)."""
-    blocks = triton.cdiv(total, block)
-    splits = max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, tiles)))
-    per_split = triton.cdiv(blocks, splits) * block
-    return per_split, triton.cdiv(total, per_split)
+    blocks = cdiv(total, block)
+    splits = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, tiles)))
+    per_split = cdiv(blocks, splits) * block
+    return per_split, cdiv(total, per_split)
 
 
 def reduced_size(H: int, W: int, sr_ratio: int, linear: bool) -> tuple[int, int]:
@@ -420,14 +420,14 @@ def spatial_reduce_forward(
         return y, z, mean, rstd, pooled
 
     if linear:
-        block_c = min(128, max(16, triton.next_power_of_2(C)))
-        _adaptive_pool_kernel[(B * M, triton.cdiv(C, block_c))](
+        block_c = min(128, max(16, next_power_of_2(C)))
+        _adaptive_pool_kernel[(B * M, cdiv(C, block_c))](
             x, pooled, H, W, C, *x.stride(),
             P=LINEAR_POOL_SIZE, BLOCK_W=16, BLOCK_C=block_c, num_warps=4,
         )
     src, src_w, sr = _conv_geometry(x, pooled, W, sr_ratio, linear)
     cfg = _row_config(C, x.element_size(), tile=8192)
-    num_m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    num_m_blocks = cdiv(M, cfg["BLOCK_M"])
     _reduce_norm_fwd_kernel[(B * num_m_blocks,)](
         src, _tap_major(sr_weight), sr_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(),
         y, z, mean, rstd,
@@ -471,9 +471,9 @@ def spatial_reduce_backward(
 
     # LayerNorm (+ GELU) backward, norm/bias partials, and da = dz @ w^T into the patches (dx) or pooled cells.
     cfg = _row_config(C, x.element_size(), tile=4096)
-    num_m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    num_m_blocks = cdiv(M, cfg["BLOCK_M"])
     rows = B * num_m_blocks
-    steps_per_split, k_splits = _split(sr * sr * triton.cdiv(C, cfg["BLOCK_K"]), 1, rows)
+    steps_per_split, k_splits = _split(sr * sr * cdiv(C, cfg["BLOCK_K"]), 1, rows)
     dz = _alloc((B, M, C), dtype=x.dtype, device=dev)
     da = _alloc((B, M, C), dtype=torch.float32, device=dev) if linear else dx
     norm_part = _alloc((3, rows, C), dtype=torch.float32, device=dev)
@@ -487,7 +487,7 @@ def spatial_reduce_backward(
 
     # Conv weight gradient: patches^T @ dz, split over tokens, partials summed in a fixed order.
     cfg = _weight_grad_config(C, x.element_size())
-    grid_k, grid_n = sr * sr * triton.cdiv(C, cfg["BLOCK_K"]), triton.cdiv(C, cfg["BLOCK_N"])
+    grid_k, grid_n = sr * sr * cdiv(C, cfg["BLOCK_K"]), cdiv(C, cfg["BLOCK_N"])
     t_per_split, t_splits = _split(B * M, cfg["BLOCK_T"], grid_k * grid_n)
     w_part = _alloc((t_splits, sr * sr * C, C), dtype=torch.float32, device=dev)
     _conv_weight_grad_kernel[(grid_k, grid_n, t_splits)](
@@ -501,11 +501,11 @@ def spatial_reduce_backward(
 
     if linear:
         P = LINEAR_POOL_SIZE
-        block_n, block_c = 16, min(64, max(16, triton.next_power_of_2(C)))
-        num_n_blocks = triton.cdiv(N, block_n)
-        _adaptive_pool_bwd_kernel[(B * num_n_blocks, triton.cdiv(C, block_c))](
+        block_n, block_c = 16, min(64, max(16, next_power_of_2(C)))
+        num_n_blocks = cdiv(N, block_n)
+        _adaptive_pool_bwd_kernel[(B * num_n_blocks, cdiv(C, block_c))](
             da, dx, N, H, W, C, num_n_blocks,
-            P=P, CELLS_H=min(P, triton.cdiv(P, H) + 1), CELLS_W=min(P, triton.cdiv(P, W) + 1),
+            P=P, CELLS_H=min(P, cdiv(P, H) + 1), CELLS_W=min(P, cdiv(P, W) + 1),
             ACCUMULATE=accumulate, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4,
         )
     elif not accumulate:
