@@ -24,7 +24,9 @@ and a large square matmul per dtype (FLOP/s) on random data, timed the same way.
 from __future__ import annotations
 
 import itertools
+import os
 import platform
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -42,6 +44,29 @@ def device_name() -> str:
     if CUDA:
         return torch.cuda.get_device_name()
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """``$SRA_GIT_COMMIT`` when set (a copy without .git), else ``git rev-parse HEAD``."""
+    if os.environ.get("SRA_GIT_COMMIT"):
+        return os.environ["SRA_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_info() -> dict:
+    """Device, versions and commit: recorded in every results file."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"device": device_name(), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "git_commit": git_commit()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -5,23 +5,22 @@ See :mod:`benchmarks` for how calls are timed and how the samples reach pytest-b
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 from benchmarks import (
     CUDA,
     REPLAY_CLOCK,
     Ceilings,
     device_name,
+    git_commit,
     measure_ceilings,
     median,
     report,
     roofline_info,
+    run_info,
 )
 
 CPU_NOTE = ("CPU run, a smoke run and not the performance result: op rows at 224x224 and batch 1, one pvt_v2_b0 "
@@ -91,29 +90,11 @@ def record(benchmark, results, ceilings):
     return _record
 
 
-def _git_commit() -> str:
-    """``$SRA_GIT_COMMIT`` when set (a copy without .git), else ``git rev-parse HEAD``."""
-    if os.environ.get("SRA_GIT_COMMIT"):
-        return os.environ["SRA_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     from sra_kernels import available_backends
 
     machine_info.update(
-        device=device_name(), torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
-        git_commit=_git_commit(), sra_kernels_backends=available_backends(),
+        **run_info(), sra_kernels_backends=available_backends(),
         timing=("triton.testing.do_bench CUDA-event samples, L2 flushed, inputs rotated" if CUDA
                 else "time.perf_counter samples after a warm-up call"),
     )
@@ -123,7 +104,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def pytest_benchmark_update_commit_info(config, commit_info):
     if commit_info.get("id") in (None, "unknown", "unversioned"):
-        commit_info["id"] = _git_commit()
+        commit_info["id"] = git_commit()
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.testing
 
+from benchmarks import run_info
 from sra_kernels.cost import model_stages
 from sra_kernels.ops import attention
 
@@ -98,6 +99,7 @@ def main() -> None:
             out.write(json.dumps(row) + "\n")
             out.flush()
 
+        write({"run_info": run_info()})
         for shape in sorted(shapes, key=lambda s: -s[1]):
             if time.monotonic() - start > args.budget_s:
                 write({"skipped_shape": shape, "reason": f"--budget-s {args.budget_s} spent"})

@@ -21,6 +21,7 @@ import time
 import torch
 import triton.testing
 
+from benchmarks import run_info
 from benchmarks.sweep_attention import RESOLUTIONS
 from sra_kernels.cost import model_stages
 from sra_kernels.ops import spatial_reduce as sr_ops
@@ -84,6 +85,7 @@ def main() -> None:
             out.write(json.dumps(row) + "\n")
             out.flush()
 
+        write({"run_info": run_info()})
         for shape in shapes:
             if time.monotonic() - start > args.budget_s:
                 write({"skipped_shape": shape.label, "reason": f"--budget-s {args.budget_s} spent"})

@@ -92,5 +92,5 @@ def test_model(model, precision, mode, provider, results, record):
     samples = measure(step)
     row = record(f"{model} {image}x{image} B{batch} {precision} {mode}", provider, samples, kind="model",
                  model=model, image=f"{image}x{image}", batch=batch, precision=precision, mode=mode,
-                 peak_mem_mb=peak)
+                 peak_mem_mb=peak, gpu_ms=gpu_ms)
     row["images_per_s"] = batch / (row["median_ms"] / 1e3)
