@@ -126,7 +126,8 @@ def pytest_terminal_summary(terminalreporter, config):
         write(f"measured ceilings: {results.ceilings.as_info()}")
     if results.costs:
         write("\nSRA op, analytic cost per call at the GPU batch (sra_kernels/cost.py: FLOPs of matmuls and convs, "
-              "multiply-add = 2; bytes of the fused ideal and of the eager sequence; scores = one (B, h, N, M) "
+              "multiply-add = 2; bytes of the fused ideal, of the triton backend today and of the eager sequence; "
+              "scores = one (B, h, N, M) "
               "matrix):")
         write(report.cost_table(list(results.costs.values())))
     for kind in ("op", "model"):

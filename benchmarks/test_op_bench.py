@@ -94,8 +94,8 @@ def _fields(case: StageCase, shape: SRAShape, dtype: torch.dtype, mode: str, cos
     return dict(kind="op", models=", ".join(case.models), resolution=case.resolution, stage=case.stage,
                 grid=shape.label, batch=shape.batch, N=shape.tokens, M=shape.reduced_tokens, C=shape.channels,
                 heads=shape.heads, sr_ratio=shape.sr_ratio, linear=shape.linear, dtype=dtype_name(dtype), mode=mode,
-                gflop=cost.fused.flops / 1e9, min_mb=cost.fused.bytes / 1e6, unfused_mb=cost.unfused.bytes / 1e6,
-                scores_mb=cost.score_matrix_bytes / 1e6)
+                gflop=cost.fused.flops / 1e9, min_mb=cost.fused.bytes / 1e6, triton_mb=cost.triton.bytes / 1e6,
+                unfused_mb=cost.unfused.bytes / 1e6, scores_mb=cost.score_matrix_bytes / 1e6)
 
 
 def _module(shape: SRAShape, dtype: torch.dtype, backend: str) -> SpatialReductionAttention:

@@ -34,6 +34,14 @@ Bytes (HBM traffic)
       score matrix three times over (q k^T, the scale, the softmax). Layout copies (head splits and
       merges, transposes) are not counted, so this is a lower bound of the eager traffic.
       ``SRACost.unfused_ops`` lists it op by op.
+    * ``triton`` -- what the ``triton`` backend moves today (fusion step 1, :mod:`sra_kernels.fused`):
+      the q / kv / out projections as cuBLAS GEMMs around the fused reduction and attention kernels,
+      each launch reading its inputs and writing its outputs once. The reduction kernel writes its
+      conv output and LayerNorm statistics and the attention its log-sum-exp in inference too; the
+      conv weight is re-laid out tap-major every call. Not counted: the fp32 dK/dV and conv-weight
+      partials of the deterministic backward (their number follows the launch plan and the GPU's SM
+      count; each is written once and read once). ``SRACost.triton_ops`` lists it launch by launch,
+      with ``kind`` "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other PyTorch kernels).
 """
 
 from __future__ import annotations
@@ -146,6 +154,9 @@ class SRACost:
     fused: Cost
     unfused: Cost
     unfused_ops: tuple[tuple[str, Cost], ...]
+    triton: Cost
+    triton_ops: tuple[tuple[str, str, Cost], ...]
+    """(name, kind, cost) per launch of the triton backend; kind is "triton", "gemm" or "torch"."""
     score_matrix_bytes: int
     """Size of one (B, h, N, M) score matrix in the dtype: what the eager reference materialises."""
 
@@ -326,6 +337,51 @@ def _eager_backward_ops(shape: SRAShape, e: int) -> list[tuple[str, Cost]]:
     return ops
 
 
+def _triton_forward_ops(shape: SRAShape, dtype: torch.dtype) -> list[tuple[str, str, Cost]]:
+    """The triton backend's forward, launch by launch (module docstring, ``triton``)."""
+    B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
+    e, x, reduced, reduction_input = _sizes(shape, dtype)
+    stats = 2 * B * M * STAT_BYTES
+    ops = [("q", "gemm", _gemm_forward(B * N, C, C, e))]
+    if shape.linear:
+        ops += [("pool", "triton", _pointwise(x, reduced, e))]
+    if shape.reduces:
+        ops += [("conv_weight_layout", "torch", _pointwise(C * C * k * k, C * C * k * k, e)),
+                ("reduce", "triton", Cost(2 * B * M * C * k * k * C, (reduction_input + C * C * k * k + 3 * C) * e,
+                                          2 * reduced * e + stats))]
+    ops += [("kv", "gemm", _gemm_forward(B * M, C, 2 * C, e)),
+            ("attention", "triton", Cost(4 * B * N * M * C, (x + 2 * reduced) * e, x * e + _lse_bytes(shape))),
+            ("proj", "gemm", _gemm_forward(B * N, C, C, e))]
+    return ops
+
+
+def _triton_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[tuple[str, str, Cost]]:
+    """The triton backend's backward, launch by launch (x and every weight need gradients)."""
+    B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
+    e, x, reduced, reduction_input = _sizes(shape, dtype)
+    lse, stats = _lse_bytes(shape), 2 * B * M * STAT_BYTES
+    ops = [("proj_bwd", "gemm", _gemm_backward(B * N, C, C, e)),
+           # reads q, k, v, o, dO and the log-sum-exp; writes dq, dk, dv
+           ("attention_bwd", "triton", Cost(10 * B * N * M * C, (3 * x + 2 * reduced) * e + lse, (x + 2 * reduced) * e)),
+           ("kv_bwd", "gemm", _gemm_backward(B * M, C, 2 * C, e)),
+           ("q_bwd", "gemm", _gemm_backward(B * N, C, C, e))]
+    if not shape.reduces:
+        return ops + [("dx_sum", "torch", _pointwise(2 * x, x, e))]  # x feeds the query and the key/value path
+    weight = C * C * k * k
+    da = reduced if shape.linear else reduction_input  # the LayerNorm/input kernel's da: pooled cells or patches
+    ops += [("conv_weight_layout", "torch", _pointwise(weight, weight, e)),
+            # LayerNorm (+ GELU) backward and da = dz w^T, added in place to the q path's dx (patches)
+            ("reduce_bwd_input", "triton", Cost(2 * B * M * C * k * k * C,
+                                                (2 * reduced + weight + 2 * C + (0 if shape.linear else da)) * e + stats,
+                                                (reduced + da) * e)),
+            ("conv_weight_grad", "triton", Cost(2 * B * M * C * k * k * C,
+                                                (reduction_input if not shape.linear else reduced) * e + reduced * e,
+                                                weight * e))]
+    if shape.linear:
+        ops += [("pool_bwd", "triton", _pointwise(x + reduced, x, e))]  # dx += the pooled cells' gradient
+    return ops
+
+
 def sra_attention_cost(shape: SRAShape, dtype: torch.dtype = torch.bfloat16, mode: str = "forward") -> SRACost:
     """FLOPs and bytes of ``sra_attention`` on ``shape`` in ``dtype``: fused ideal and eager sequence.
 
@@ -334,16 +390,19 @@ def sra_attention_cost(shape: SRAShape, dtype: torch.dtype = torch.bfloat16, mod
     """
     _check_mode(mode)
     e = dtype.itemsize
-    ops = []
+    ops, triton_ops = [], []
     if mode in ("forward", "forward+backward"):
         ops += _eager_forward_ops(shape, e)
+        triton_ops += _triton_forward_ops(shape, dtype)
     if mode in ("backward", "forward+backward"):
         ops += _eager_backward_ops(shape, e)
+        triton_ops += _triton_backward_ops(shape, dtype)
     unfused = _total(cost for _, cost in ops)
     recompute = 2 * shape.batch * shape.tokens * shape.reduced_tokens * shape.channels if mode != "forward" else 0
     fused = _fused_ideal(shape, dtype, mode, unfused.flops + recompute)
     score_matrix = shape.batch * shape.heads * shape.tokens * shape.reduced_tokens * e
-    return SRACost(shape, dtype, mode, fused, unfused, tuple(ops), score_matrix)
+    triton = _total(cost for _, _, cost in triton_ops)
+    return SRACost(shape, dtype, mode, fused, unfused, tuple(ops), triton, tuple(triton_ops), score_matrix)
 
 
 # Attention geometry of the PVT families (channels, heads and sr ratios of stages 1-4).

@@ -159,3 +159,27 @@ def test_model_stages_match_the_pvt_models(model):
 def test_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_triton_path_bytes_by_hand():
+    """B=2, 8x8 tokens, C=32, sr=2 (M=16), bf16 forward, launch by launch (elements x 2 bytes):
+    q GEMM reads x, W, b (4096 + 1024 + 32) and writes 4096; the tap-major weight copy 4096 / 4096;
+    the reduction reads the patches, weight, conv bias, LN weight and bias (4096 + 4096 + 96) and writes
+    y and z (2 x 1024) + mean/rstd (256 bytes); kv GEMM 1024 + 2048 + 64 / 2048; attention reads q, k, v
+    (4096 + 2048) and writes o (4096) + the log-sum-exp (512 bytes); proj like q."""
+    shape = SRAShape(2, 8, 8, 32, 1, sr_ratio=2)
+    cost = sra_attention_cost(shape, torch.bfloat16, "forward")
+    read = (5152 + 4096 + 8288 + 3136 + 6144 + 5152) * 2
+    written = (4096 + 4096 + 2048 + 2048 + 4096 + 4096) * 2 + 256 + 512
+    assert cost.triton == Cost(cost.unfused.flops, read, written)
+    assert [name for name, _, _ in cost.triton_ops] == ["q", "conv_weight_layout", "reduce", "kv", "attention", "proj"]
+
+
+@pytest.mark.parametrize("model", ["pvt_v2_b2", "pvt_small"])
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_path_lies_between_the_floor_and_eager(model, mode):
+    """Every PVT stage at 224x224 and 512x512: fused floor < triton backend today < eager sequence."""
+    for size, batch in ((224, 64), (512, 16)):
+        for shape in model_stages(model, size, batch):
+            cost = sra_attention_cost(shape, torch.bfloat16, mode)
+            assert cost.fused.bytes < cost.triton.bytes < cost.unfused.bytes, (shape, mode)

@@ -274,3 +274,29 @@ def test_autocast_runs_kernels_in_low_precision(kernel_device, kernel_calls):
     assert outputs["triton"].dtype == outputs["sdpa"].dtype == torch.bfloat16
     assert kernel_calls == [("spatial_reduce_forward", torch.bfloat16), ("attention_forward", torch.bfloat16)]
     torch.testing.assert_close(outputs["triton"].float(), outputs["sdpa"].float(), rtol=0.05, atol=0.05)
+
+
+FORWARD_KERNELS = {"pool": "_adaptive_pool_kernel", "reduce": "_reduce_norm_fwd_kernel", "attention": "_fwd_kernel"}
+"""cost.py's triton-path op name -> the Triton kernel that op launches."""
+
+
+@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
+def test_forward_launches_are_the_cost_models_ops(linear, sr, kernel_device, monkeypatch):
+    """An inference forward launches exactly the Triton kernels and cuBLAS GEMMs that
+    ``sra_kernels.cost`` counts for the triton path, one launch per op."""
+    from sra_kernels.cost import SRAShape, sra_attention_cost
+    from sra_kernels.ops import attention
+
+    B, H, W, C, heads = 2, 9, 8, 32, 2
+    launches, gemms = [], []
+    kernel_class = type(attention._fwd_kernel)  # JITFunction natively, InterpretedFunction in the interpreter
+    run = kernel_class.run
+    monkeypatch.setattr(kernel_class, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or run(self, *a, **k))
+    linear_fn = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(a[1].shape) or linear_fn(*a))
+    module = SpatialReductionAttention(C, heads, qkv_bias=True, sr_ratio=sr, linear=linear, backend="triton")
+    with torch.no_grad():
+        module.to(kernel_device)(torch.randn(B, H * W, C, device=kernel_device), H, W)
+    ops = sra_attention_cost(SRAShape(B, H, W, C, heads, sr, linear), torch.float32, "forward").triton_ops
+    assert sorted(launches) == sorted(FORWARD_KERNELS[name] for name, kind, _ in ops if kind == "triton")
+    assert len(gemms) == sum(kind == "gemm" for _, kind, _ in ops) == 3
