@@ -4,9 +4,10 @@ GPU shapes: 224x224 at batch 64, 512x512 at batch 16, 800x1333 at batch 2; a sta
 (same grid, channels, heads, sr) is timed once and its ``extra_info["models"]`` names both. Modes:
 ``fwd`` (inference, under no_grad) and ``fwd+bwd`` (x and every weight get gradients); bf16 and fp32.
 Providers, each a ``SpatialReductionAttention`` with random weights: ``sra_kernels`` (backend triton),
-``reference`` (PVT's eager math), ``sdpa`` (conv + LayerNorm + SDPA, as timm), ``compiled``
+``sra_kernels_projected`` (backend triton with ``SRA_KERNELS_FUSE_PROJECTIONS=1``: rows with C <= 128 in
+bf16), ``reference`` (PVT's eager math), ``sdpa`` (conv + LayerNorm + SDPA, as timm), ``compiled``
 (``torch.compile`` of the sdpa module, mode ``$SRA_BENCH_COMPILE_MODE`` or "default", static shapes;
-dynamo is reset for every row, so each row compiles its own graph). The ``sra_kernels`` and
+dynamo is reset for every row, so each row compiles its own graph). The ``sra_kernels*`` and
 ``compiled`` rows first check their forward output against eager sdpa.
 
 CPU: the 224x224 shapes at batch 1, no triton provider, one compiled row (see the skip reasons).
@@ -35,14 +36,17 @@ from benchmarks import (
 )
 from sra_kernels import SpatialReductionAttention
 from sra_kernels.cost import SRACost, SRAShape, model_stages, sra_attention_cost
+from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+from sra_kernels.ops.projected_attention import applies as projected_attention_applies
 
 RESOLUTIONS = {"224x224": ((224, 224), 64), "512x512": ((512, 512), 16), "800x1333": ((800, 1333), 2)}
 """name -> (image size, GPU batch)."""
 MODELS = ("pvt_v2_b2", "pvt_small")
 DTYPES = (torch.bfloat16, torch.float32)
 MODES = {"fwd": "forward", "fwd+bwd": "forward+backward"}
-PROVIDERS = ("sra_kernels", "compiled", "sdpa", "reference")
-BACKENDS = {"sra_kernels": "triton", "compiled": "sdpa", "sdpa": "sdpa", "reference": "reference"}
+PROVIDERS = ("sra_kernels", "sra_kernels_projected", "compiled", "sdpa", "reference")
+BACKENDS = {"sra_kernels": "triton", "sra_kernels_projected": "triton", "compiled": "sdpa", "sdpa": "sdpa",
+            "reference": "reference"}
 COMPILE_MODE = os.environ.get("SRA_BENCH_COMPILE_MODE", "default")
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-3}
 """Largest relative L2 error of a checked provider's forward output against eager sdpa."""
@@ -78,9 +82,11 @@ CASES = _stage_cases()
 
 
 def _skip_reason(case: StageCase, dtype: torch.dtype, mode: str, provider: str) -> str | None:
+    if provider == "sra_kernels_projected" and not projected_attention_applies(case.shape.channels, dtype):
+        return "sra_kernels_projected: the fused-projection path runs for C <= 128 in fp16 / bf16 only"
     if CUDA:
         return None
-    if provider == "sra_kernels":
+    if provider.startswith("sra_kernels"):
         return "sra_kernels (triton) runs on CUDA only here: TRITON_INTERPRET is for tests, far too slow to time"
     if case.resolution not in CPU_RESOLUTIONS:
         return f"GPU-only shape: on CPU only {', '.join(CPU_RESOLUTIONS)} runs, at batch {CPU_BATCH}"
@@ -95,6 +101,7 @@ def _fields(case: StageCase, shape: SRAShape, dtype: torch.dtype, mode: str, cos
                 grid=shape.label, batch=shape.batch, N=shape.tokens, M=shape.reduced_tokens, C=shape.channels,
                 heads=shape.heads, sr_ratio=shape.sr_ratio, linear=shape.linear, dtype=dtype_name(dtype), mode=mode,
                 gflop=cost.fused.flops / 1e9, min_mb=cost.fused.bytes / 1e6, triton_mb=cost.triton.bytes / 1e6,
+                projected_mb=cost.projected.bytes / 1e6 if projected_attention_applies(shape.channels, dtype) else None,
                 unfused_mb=cost.unfused.bytes / 1e6, scores_mb=cost.score_matrix_bytes / 1e6)
 
 
@@ -119,7 +126,7 @@ def _check_forward(out: torch.Tensor, module: SpatialReductionAttention, x: torc
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_sra_op(case, dtype, mode, provider, results, record):
+def test_sra_op(case, dtype, mode, provider, results, record, monkeypatch):
     gpu_cost = sra_attention_cost(case.shape, dtype, MODES[mode])
     results.costs.setdefault(f"{case.id} {dtype_name(dtype)} {mode}",
                              _fields(case, case.shape, dtype, mode, gpu_cost))
@@ -127,6 +134,8 @@ def test_sra_op(case, dtype, mode, provider, results, record):
     if reason:
         results.skip(reason)
     shape = case.shape if CUDA else dataclasses.replace(case.shape, batch=CPU_BATCH)
+    if provider == "sra_kernels_projected":
+        monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
     module = _module(shape, dtype, BACKENDS[provider])
     run = module
     if provider == "compiled":
@@ -148,7 +157,7 @@ def test_sra_op(case, dtype, mode, provider, results, record):
 
     grads = xs + list(module.parameters()) if train else []
     out = call()  # warm-up: compiles kernels / graphs; checked below
-    if provider in ("sra_kernels", "compiled"):
+    if provider not in ("sdpa", "reference"):
         _check_forward(out, module, xs[0].detach(), shape.size)
     del out
     synchronize()

@@ -42,6 +42,10 @@ Bytes (HBM traffic)
       partials of the deterministic backward (their number follows the launch plan and the GPU's SM
       count; each is written once and read once). ``SRACost.triton_ops`` lists it launch by launch,
       with ``kind`` "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other PyTorch kernels).
+    * ``projected`` -- the same for the opt-in fused-projection path (``SRA_KERNELS_FUSE_PROJECTIONS=1``,
+      C <= 128, fp16/bf16): q and out projections inside the attention kernel, so in inference x is
+      read once for the queries and the output written once; training also writes q, o and the
+      log-sum-exp, and its backward is step 1's except that autograd sums the two dx.
 """
 
 from __future__ import annotations
@@ -157,6 +161,9 @@ class SRACost:
     triton: Cost
     triton_ops: tuple[tuple[str, str, Cost], ...]
     """(name, kind, cost) per launch of the triton backend; kind is "triton", "gemm" or "torch"."""
+    projected: Cost
+    projected_ops: tuple[tuple[str, str, Cost], ...]
+    """The same for the fused-projection path (which runs only for C <= 128 in fp16 / bf16)."""
     score_matrix_bytes: int
     """Size of one (B, h, N, M) score matrix in the dtype: what the eager reference materialises."""
 
@@ -337,49 +344,92 @@ def _eager_backward_ops(shape: SRAShape, e: int) -> list[tuple[str, Cost]]:
     return ops
 
 
-def _triton_forward_ops(shape: SRAShape, dtype: torch.dtype) -> list[tuple[str, str, Cost]]:
-    """The triton backend's forward, launch by launch (module docstring, ``triton``)."""
-    B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
-    e, x, reduced, reduction_input = _sizes(shape, dtype)
-    stats = 2 * B * M * STAT_BYTES
-    ops = [("q", "gemm", _gemm_forward(B * N, C, C, e))]
-    if shape.linear:
-        ops += [("pool", "triton", _pointwise(x, reduced, e))]
-    if shape.reduces:
-        ops += [("conv_weight_layout", "torch", _pointwise(C * C * k * k, C * C * k * k, e)),
-                ("reduce", "triton", Cost(2 * B * M * C * k * k * C, (reduction_input + C * C * k * k + 3 * C) * e,
-                                          2 * reduced * e + stats))]
-    ops += [("kv", "gemm", _gemm_forward(B * M, C, 2 * C, e)),
-            ("attention", "triton", Cost(4 * B * N * M * C, (x + 2 * reduced) * e, x * e + _lse_bytes(shape))),
-            ("proj", "gemm", _gemm_forward(B * N, C, C, e))]
-    return ops
+Op = tuple[str, str, Cost]
+"""(name, kind, cost) of one launch: kind "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other kernels)."""
 
 
-def _triton_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[tuple[str, str, Cost]]:
-    """The triton backend's backward, launch by launch (x and every weight need gradients)."""
-    B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
-    e, x, reduced, reduction_input = _sizes(shape, dtype)
-    lse, stats = _lse_bytes(shape), 2 * B * M * STAT_BYTES
-    ops = [("proj_bwd", "gemm", _gemm_backward(B * N, C, C, e)),
-           # reads q, k, v, o, dO and the log-sum-exp; writes dq, dk, dv
-           ("attention_bwd", "triton", Cost(10 * B * N * M * C, (3 * x + 2 * reduced) * e + lse, (x + 2 * reduced) * e)),
-           ("kv_bwd", "gemm", _gemm_backward(B * M, C, 2 * C, e)),
-           ("q_bwd", "gemm", _gemm_backward(B * N, C, C, e))]
+def _reduction_forward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
+    """The reduction's launches: (pool,) tap-major weight copy, patch GEMM + LayerNorm (writes y, z, mean, rstd)."""
     if not shape.reduces:
-        return ops + [("dx_sum", "torch", _pointwise(2 * x, x, e))]  # x feeds the query and the key/value path
+        return []
+    B, M, C, k = shape.batch, shape.reduced_tokens, shape.channels, shape.kernel
+    e, x, reduced, reduction_input = _sizes(shape, dtype)
+    weight = C * C * k * k
+    ops = [("pool", "triton", _pointwise(x, reduced, e))] if shape.linear else []
+    return ops + [("conv_weight_layout", "torch", _pointwise(weight, weight, e)),
+                  ("reduce", "triton", Cost(2 * B * M * weight, (reduction_input + weight + 3 * C) * e,
+                                            2 * reduced * e + 2 * B * M * STAT_BYTES))]
+
+
+def _reduction_backward_ops(shape: SRAShape, dtype: torch.dtype, accumulate: bool) -> list[Op]:
+    """The reduction's backward launches; ``accumulate``: dx is added in place to the q path's dx
+    (``project_and_reduce``), else written on its own (zeros outside the patches) for autograd to sum."""
+    if not shape.reduces:
+        return []
+    B, M, C, k = shape.batch, shape.reduced_tokens, shape.channels, shape.kernel
+    e, x, reduced, reduction_input = _sizes(shape, dtype)
     weight = C * C * k * k
     da = reduced if shape.linear else reduction_input  # the LayerNorm/input kernel's da: pooled cells or patches
-    ops += [("conv_weight_layout", "torch", _pointwise(weight, weight, e)),
-            # LayerNorm (+ GELU) backward and da = dz w^T, added in place to the q path's dx (patches)
-            ("reduce_bwd_input", "triton", Cost(2 * B * M * C * k * k * C,
-                                                (2 * reduced + weight + 2 * C + (0 if shape.linear else da)) * e + stats,
-                                                (reduced + da) * e)),
-            ("conv_weight_grad", "triton", Cost(2 * B * M * C * k * k * C,
-                                                (reduction_input if not shape.linear else reduced) * e + reduced * e,
-                                                weight * e))]
+    da_read = da if accumulate and not shape.linear else 0
+    ops = [("conv_weight_layout", "torch", _pointwise(weight, weight, e)),
+           # LayerNorm (+ GELU) backward and da = dz w^T
+           ("reduce_bwd_input", "triton", Cost(2 * B * M * weight, (2 * reduced + weight + 2 * C + da_read) * e
+                                               + 2 * B * M * STAT_BYTES, (reduced + da) * e)),
+           ("conv_weight_grad", "triton", Cost(2 * B * M * weight, (da + reduced) * e, weight * e))]
     if shape.linear:
-        ops += [("pool_bwd", "triton", _pointwise(x + reduced, x, e))]  # dx += the pooled cells' gradient
+        ops += [("pool_bwd", "triton", _pointwise(reduced + (x if accumulate else 0), x, e))]
+    elif not accumulate and reduction_input < x:
+        ops += [("dx_zero_uncovered", "torch", _pointwise(0, x - reduction_input, e))]
     return ops
+
+
+def _triton_forward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
+    """The triton backend's forward, launch by launch (module docstring, ``triton``)."""
+    B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
+    e, x, reduced, _ = _sizes(shape, dtype)
+    return ([("q", "gemm", _gemm_forward(B * N, C, C, e))] + _reduction_forward_ops(shape, dtype)
+            + [("kv", "gemm", _gemm_forward(B * M, C, 2 * C, e)),
+               ("attention", "triton", Cost(4 * B * N * M * C, (x + 2 * reduced) * e, x * e + _lse_bytes(shape))),
+               ("proj", "gemm", _gemm_forward(B * N, C, C, e))])
+
+
+def _projection_and_attention_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
+    """proj backward, attention backward (reads q, k, v, o, dO, lse; writes dq, dk, dv), kv and q backward."""
+    B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
+    e, x, reduced, _ = _sizes(shape, dtype)
+    return [("proj_bwd", "gemm", _gemm_backward(B * N, C, C, e)),
+            ("attention_bwd", "triton", Cost(10 * B * N * M * C, (3 * x + 2 * reduced) * e + _lse_bytes(shape),
+                                             (x + 2 * reduced) * e)),
+            ("kv_bwd", "gemm", _gemm_backward(B * M, C, 2 * C, e)),
+            ("q_bwd", "gemm", _gemm_backward(B * N, C, C, e))]
+
+
+def _triton_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
+    """The triton backend's backward, launch by launch (x and every weight need gradients)."""
+    e, x, _, _ = _sizes(shape, dtype)
+    ops = _projection_and_attention_backward_ops(shape, dtype)
+    if not shape.reduces:
+        return ops + [("dx_sum", "torch", _pointwise(2 * x, x, e))]  # x feeds the query and the key/value path
+    return ops + _reduction_backward_ops(shape, dtype, accumulate=True)
+
+
+def _projected_forward_ops(shape: SRAShape, dtype: torch.dtype, training: bool) -> list[Op]:
+    """The fused-projection path's forward (``SRA_KERNELS_FUSE_PROJECTIONS=1``): the reduction, the kv GEMM,
+    then one kernel that reads x and the q / proj weights and writes the output (+ q, o and lse in training)."""
+    B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
+    e, x, reduced, _ = _sizes(shape, dtype)
+    saved = 2 * x * e + _lse_bytes(shape) if training else 0
+    flops = 2 * (2 * B * N * C * C) + 4 * B * N * M * C
+    return _reduction_forward_ops(shape, dtype) + [
+        ("kv", "gemm", _gemm_forward(B * M, C, 2 * C, e)),
+        ("projected_attention", "triton", Cost(flops, (x + 2 * reduced + 2 * (C * C + C)) * e, x * e + saved))]
+
+
+def _projected_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
+    """The fused-projection path's backward: the step-1 kernels, the reduction's dx summed by autograd."""
+    e, x, _, _ = _sizes(shape, dtype)
+    return (_projection_and_attention_backward_ops(shape, dtype) + _reduction_backward_ops(shape, dtype, False)
+            + [("dx_sum", "torch", _pointwise(2 * x, x, e))])
 
 
 def sra_attention_cost(shape: SRAShape, dtype: torch.dtype = torch.bfloat16, mode: str = "forward") -> SRACost:
@@ -390,19 +440,21 @@ def sra_attention_cost(shape: SRAShape, dtype: torch.dtype = torch.bfloat16, mod
     """
     _check_mode(mode)
     e = dtype.itemsize
-    ops, triton_ops = [], []
+    ops, triton_ops, projected_ops = [], [], []
     if mode in ("forward", "forward+backward"):
         ops += _eager_forward_ops(shape, e)
         triton_ops += _triton_forward_ops(shape, dtype)
+        projected_ops += _projected_forward_ops(shape, dtype, training=mode != "forward")
     if mode in ("backward", "forward+backward"):
         ops += _eager_backward_ops(shape, e)
         triton_ops += _triton_backward_ops(shape, dtype)
+        projected_ops += _projected_backward_ops(shape, dtype)
     unfused = _total(cost for _, cost in ops)
     recompute = 2 * shape.batch * shape.tokens * shape.reduced_tokens * shape.channels if mode != "forward" else 0
     fused = _fused_ideal(shape, dtype, mode, unfused.flops + recompute)
     score_matrix = shape.batch * shape.heads * shape.tokens * shape.reduced_tokens * e
-    triton = _total(cost for _, _, cost in triton_ops)
-    return SRACost(shape, dtype, mode, fused, unfused, tuple(ops), triton, tuple(triton_ops), score_matrix)
+    return SRACost(shape, dtype, mode, fused, unfused, tuple(ops), _total(cost for _, _, cost in triton_ops),
+                   tuple(triton_ops), _total(cost for _, _, cost in projected_ops), tuple(projected_ops), score_matrix)
 
 
 # Attention geometry of the PVT families (channels, heads and sr ratios of stages 1-4).

@@ -1,17 +1,33 @@
 """The ``triton`` backend: the SRA op composed from the fused custom ops of :mod:`.library`.
 
-Today the q / kv / out projections run as torch matmuls (cuBLAS); the spatial reduction (conv +
-LayerNorm, or the linear pool path, with the backward's dx summed in place) and the attention are
-our Triton kernels. Heads are column
-slices: q, k and v reach the attention kernel as strided views, never permuted copies.
+Step 1 (the default): the q / kv / out projections run as torch matmuls (cuBLAS); the spatial
+reduction (conv + LayerNorm, or the linear pool path, with the backward's dx summed in place) and
+the attention are our Triton kernels. Heads are column slices: q, k and v reach the attention
+kernel as strided views, never permuted copies.
+
+Steps 2/3, opt-in with ``SRA_KERNELS_FUSE_PROJECTIONS=1`` until GPU measurements choose: for
+C <= 128 the q projection and the out projection run inside the attention kernel
+(``projected_attention``): x is read once for the queries and the output written once, with no q
+or pre-projection output crossing HBM in inference.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from .library import project_and_reduce, reduced_kv_attention, spatial_reduce
+from .library import (
+    project_and_reduce,
+    projected_attention,
+    reduced_kv_attention,
+    spatial_reduce,
+)
+from .ops.projected_attention import applies as projected_attention_applies
+
+FUSE_PROJECTIONS_ENV_VAR = "SRA_KERNELS_FUSE_PROJECTIONS"
+"""Set to 1 to run the q and out projections inside the attention kernel where C <= 128."""
 
 
 def _autocast_inputs(x, *tensors):
@@ -24,6 +40,12 @@ def _autocast_inputs(x, *tensors):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+
+
+def _compute_dtype(x):
+    """The dtype the kernels will see: autocast's when it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _filled(C, like, sr_bias, norm_weight, norm_bias):
@@ -61,6 +83,10 @@ def sra_attention_triton(
     """
     B, N, C = x.shape
     head_dim = C // num_heads
+    if os.environ.get(FUSE_PROJECTIONS_ENV_VAR, "0") == "1" and projected_attention_applies(C, _compute_dtype(x)):
+        return _sra_attention_projected(x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
+                                        sr_weight, sr_bias, norm_weight, norm_bias, num_heads=num_heads,
+                                        sr_ratio=sr_ratio, linear=linear, eps=eps, scale=scale)
     if linear or sr_ratio > 1:
         x, q_weight, q_bias, sr_weight, *optional = _autocast_inputs(
             x, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias)
@@ -71,3 +97,22 @@ def sra_attention_triton(
     kv = F.linear(reduced, kv_weight, kv_bias).view(B, reduced.shape[1], 2, num_heads, head_dim)
     out = reduced_kv_attention_triton(q.view(B, N, num_heads, head_dim), kv[:, :, 0], kv[:, :, 1], scale)
     return F.linear(out.view(B, N, C), proj_weight, proj_bias)
+
+
+def _sra_attention_projected(
+    x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
+    sr_weight, sr_bias, norm_weight, norm_bias, *, num_heads, sr_ratio, linear, eps, scale,
+) -> torch.Tensor:
+    """Steps 2/3: reduction kernel, kv by cuBLAS, then q projection + attention + out projection in one kernel."""
+    B, N, C = x.shape
+    head_dim = C // num_heads
+    x, q_weight, q_bias, proj_weight, proj_bias = _autocast_inputs(x, q_weight, q_bias, proj_weight, proj_bias)
+    reduced = spatial_reduce_triton(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio=sr_ratio,
+                                    linear=linear, eps=eps)
+    kv = F.linear(reduced, kv_weight, kv_bias).view(B, reduced.shape[1], 2, num_heads, head_dim).to(x.dtype)
+    q_bias = x.new_zeros(C) if q_bias is None else q_bias
+    proj_bias = x.new_zeros(C) if proj_bias is None else proj_bias
+    inputs = (x, q_weight, q_bias, kv, proj_weight, proj_bias)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    scale = head_dim ** -0.5 if scale is None else scale
+    return projected_attention(x, q_weight, q_bias, kv[:, :, 0], kv[:, :, 1], proj_weight, proj_bias, scale, save)[0]

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import (
 )
 
 from .ops.attention import attention_backward, attention_forward
+from .ops.projected_attention import projected_attention_forward
 from .ops.spatial_reduce import (
     reduced_size,
     spatial_reduce_backward,
@@ -284,11 +285,14 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _deterministic() -> bool:
+    return os.environ.get(ATOMIC_BACKWARD_ENV_VAR, "0") != "1"
+
+
 def _attention_backward(ctx, grad_o, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
-    deterministic = os.environ.get(ATOMIC_BACKWARD_ENV_VAR, "0") != "1"
     dq, dk, dv = _run(reduced_kv_attention_backward_op, _reduced_kv_attention_backward_impl,
-                      grad_o, q, k, v, o, lse, ctx.scale, deterministic)
+                      grad_o, q, k, v, o, lse, ctx.scale, _deterministic())
     return dq, dk, dv, None
 
 
@@ -311,3 +315,65 @@ def _(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.sra_kernels.reduced_kv_attention_backward)
 def _(grad_o_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_backward_flop_count(_to_bhsd(grad_o_shape), _to_bhsd(q_shape), _to_bhsd(k_shape), _to_bhsd(v_shape))
+
+
+
+# --------------------------------------------------------------------------- projected attention (fusion step 2/3)
+def _projected_attention_impl(
+    x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+    scale: float, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (B, N, C), k/v (B, M, h, d) -> (out (B, N, C), then q, o (B, N, C) and lse (B, h, N) fp32 when
+    ``save``, else empty): proj(attention(q(x), k, v)) with both projections inside one kernel."""
+    return projected_attention_forward(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save)
+
+
+projected_attention_op = torch.library.custom_op("sra_kernels::projected_attention", mutates_args=())(
+    _projected_attention_impl)
+
+
+@projected_attention_op.register_fake
+def _(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save):
+    B, N, C = x.shape
+    saved = (B, N, C) if save else (0,)
+    lse = x.new_empty((B, k.shape[2], N) if save else (0,), dtype=torch.float32)
+    return x.new_empty((B, N, C)), x.new_empty(saved), x.new_empty(saved), lse
+
+
+def _projected_attention_setup_context(ctx, inputs, output):
+    x, q_weight, _, k, v, proj_weight, _, scale, _ = inputs
+    _, q, o, lse = output
+    ctx.save_for_backward(x, q_weight, k, v, proj_weight, q, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(q, o, lse)
+
+
+def _projected_attention_backward(ctx, grad_out, *_unused_grads):
+    """The step-1 backward on the saved q, o and lse: cuBLAS for the projections, our attention backward."""
+    x, q_weight, k, v, proj_weight, q, o, lse = ctx.saved_tensors
+    B, N, C = x.shape
+    heads, head_dim = k.shape[2], k.shape[3]
+    if q.numel() != x.numel():
+        raise RuntimeError("projected_attention ran with save=False, so it cannot be differentiated")
+    grad_out = grad_out.reshape(-1, C)
+    do = (grad_out @ proj_weight).view(B, N, heads, head_dim)
+    dq, dk, dv = _run(reduced_kv_attention_backward_op, _reduced_kv_attention_backward_impl,
+                      do, q.view(B, N, heads, head_dim), k, v, o.view(B, N, heads, head_dim), lse, ctx.scale,
+                      _deterministic())
+    dq = dq.reshape(-1, C)
+    dx = (dq @ q_weight).view(B, N, C)
+    return (dx, dq.T @ x.reshape(-1, C), dq.sum(0), dk, dv, grad_out.T @ o.reshape(-1, C), grad_out.sum(0),
+            None, None)
+
+
+projected_attention_op.register_autograd(_projected_attention_backward,
+                                         setup_context=_projected_attention_setup_context)
+projected_attention = _entry_point(projected_attention_op, _projected_attention_impl,
+                                   _projected_attention_setup_context, _projected_attention_backward)
+
+
+@register_flop_formula(torch.ops.sra_kernels.projected_attention)
+def _(x_shape, q_weight_shape, q_bias_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    B, N, C = x_shape
+    return 2 * (2 * B * N * C * C) + sdpa_flop_count((B, k_shape[2], N, k_shape[3]), _to_bhsd(k_shape),
+                                                     _to_bhsd(v_shape))

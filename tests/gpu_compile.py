@@ -1,7 +1,7 @@
 """Offline GPU compile check: the Triton kernel launches of the launchers, compiled for sm_80 / sm_90, no GPU.
 
 Triton's CPU interpreter forgives what a real compile rejects (types, layouts, shared-memory or register
-blowups). This module runs the launchers of ``sra_kernels.ops.spatial_reduce`` and ``sra_kernels.ops.attention``
+blowups). This module runs the launchers of ``sra_kernels.ops.spatial_reduce``, ``.attention`` and ``.projected_attention``
 on meta tensors laid out as PVT's are, with every ``*_kernel[grid](...)`` replaced by a stub that records the
 call (no kernel runs). Triton's own runtime binder specialises each recorded call for the target (pointer
 dtypes, ints equal to 1 as constexprs, divisibility-by-16 attributes, i64 for big ints); launches are
@@ -69,6 +69,12 @@ CASES = dict(
         ((2, 16384, 256, 4, 128, True), WIDE),  # largest head_dim: keys looped, the biggest tiles
         ((2, 4096, 1024, 2, 64, False), WIDE),  # long key set, fp32 atomics for dK/dV
     ),
+    projected=(  # (B, N, M, C, heads, save): q and out projections inside the attention kernel
+        ((2, 3136, 49, 64, 1, True), ALL),  # stage 1 at 224 px, training (q, o, lse saved)
+        ((2, 16384, 256, 64, 1, False), WIDE),  # stage 1 at 512 px, inference: keys looped
+        ((2, 784, 49, 128, 2, True), WIDE),  # the widest x it takes
+        ((2, 196, 49, 40, 5, False), WIDE),  # head_dim 8, C not a power of two
+    ),
 )
 FULL_CASES = dict(
     spatial=tuple(((2, hw, hw, c, sr, False), ALL) for hw, c in ((56, 64), (28, 128), (14, 320), (16, 512))
@@ -77,6 +83,8 @@ FULL_CASES = dict(
     + tuple(((2, hw, hw, c, 1, True), ALL) for hw, c in ((56, 64), (28, 128), (14, 320), (7, 512))),
     attention=tuple(((2, n, m, h, d, det), ALL) for n, m in ((3136, 49), (16384, 256), (4096, 1024))
                     for h, d in ((1, 32), (1, 64), (8, 40), (4, 128)) for det in (True, False)),
+    projected=tuple(((2, n, m, c, h, save), ALL) for n, m in ((3136, 49), (16384, 256))
+                    for c, h in ((32, 1), (64, 1), (128, 2), (40, 5)) for save in (True, False)),
 )
 
 
@@ -127,12 +135,14 @@ def _recording(sm_count: int):
     """Swap every ``*_kernel`` of the op modules for a recorder; yields the list the launches go to."""
     from triton.runtime.jit import JITFunction
 
-    from sra_kernels.ops import attention, spatial_reduce
+    from sra_kernels.ops import attention, projected_attention, spatial_reduce
 
     launches: list = []
     patches = {(attention, "_num_sms"): lambda device: sm_count,
+               (projected_attention, "_num_sms"): lambda device: sm_count,
                (attention, "_check_launchable"): _allow_meta(attention._check_launchable)}
-    for module in (spatial_reduce, attention):
+    projected_attention._plan.cache_clear()  # its plans depend on the (stubbed) SM count
+    for module in (spatial_reduce, attention, projected_attention):
         for name, fn in vars(module).items():
             if name.endswith("_kernel") and isinstance(fn, JITFunction):
                 patches[(module, name)] = _Recorder(fn, launches)
@@ -173,6 +183,17 @@ def _run_attention(B, N, M, h, d, deterministic, dtype) -> str:
     return f"attention B{B} N{N} M{M} h{h} d{d} " + ("det" if deterministic else "atomic")
 
 
+def _run_projected(B, N, M, C, h, save, dtype) -> str:
+    """projected_attention_forward on meta tensors (k, v halves of a (B, M, 2, h, d) projection); the case label."""
+    from sra_kernels.ops.projected_attention import projected_attention_forward
+
+    meta = dict(device="meta", dtype=dtype)
+    x, weight, bias = torch.empty(B, N, C, **meta), torch.empty(C, C, **meta), torch.empty(C, **meta)
+    kv = torch.empty(B, M, 2, h, C // h, **meta)
+    projected_attention_forward(x, weight, bias, kv[:, :, 0], kv[:, :, 1], weight, bias, (C // h) ** -0.5, save)
+    return f"projected B{B} N{N} M{M} C{C} h{h} " + ("save" if save else "infer")
+
+
 def capture(archs, cases=CASES) -> list[Launch]:
     """Every distinct launch of the cases, specialised as the runtime would for each arch (attention first:
     its backward kernels take longest to compile, so they start first)."""
@@ -184,7 +205,8 @@ def capture(archs, cases=CASES) -> list[Launch]:
     for arch in archs:
         backend = make_backend(GPUTarget("cuda", arch, 32))
         binders: dict = {}
-        for run, op_cases in ((_run_attention, cases["attention"]), (_run_spatial, cases["spatial"])):
+        for run, op_cases in ((_run_attention, cases["attention"]), (_run_projected, cases["projected"]),
+                              (_run_spatial, cases["spatial"])):
             for shape, dtypes in op_cases:
                 for dtype in dtypes:
                     with _recording(SM_COUNT[arch]) as launches:

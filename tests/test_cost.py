@@ -173,13 +173,27 @@ def test_triton_path_bytes_by_hand():
     written = (4096 + 4096 + 2048 + 2048 + 4096 + 4096) * 2 + 256 + 512
     assert cost.triton == Cost(cost.unfused.flops, read, written)
     assert [name for name, _, _ in cost.triton_ops] == ["q", "conv_weight_layout", "reduce", "kv", "attention", "proj"]
+    # fused projections, inference: one kernel reads x, k, v and both weights + biases (4096 + 2048 + 2112)
+    # and writes the output (4096); the reduction and kv GEMM as above
+    read = (4096 + 8288 + 3136 + 8256) * 2
+    written = (4096 + 2048 + 2048 + 4096) * 2 + 256
+    assert cost.projected == Cost(cost.unfused.flops, read, written)
+    assert [name for name, _, _ in cost.projected_ops] == ["conv_weight_layout", "reduce", "kv", "projected_attention"]
 
 
 @pytest.mark.parametrize("model", ["pvt_v2_b2", "pvt_small"])
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_path_lies_between_the_floor_and_eager(model, mode):
-    """Every PVT stage at 224x224 and 512x512: fused floor < triton backend today < eager sequence."""
+    """Every PVT stage at 224x224 and 512x512: fused floor < triton backend today < eager sequence; the
+    fused-projection path (C <= 128) between the floor and step 1, near the floor in inference."""
     for size, batch in ((224, 64), (512, 16)):
         for shape in model_stages(model, size, batch):
             cost = sra_attention_cost(shape, torch.bfloat16, mode)
             assert cost.fused.bytes < cost.triton.bytes < cost.unfused.bytes, (shape, mode)
+            if shape.channels > 128:
+                continue  # the fused-projection path runs for C <= 128 only
+            assert cost.fused.bytes <= cost.projected.bytes, (shape, mode)
+            if mode == "forward":  # inference: within 25% of the floor, at most 60% of step 1's bytes
+                assert cost.projected.bytes <= min(1.25 * cost.fused.bytes, 0.6 * cost.triton.bytes), shape
+            elif mode == "forward+backward":  # training: its backward sums dx in a separate pass
+                assert cost.projected.bytes <= cost.triton.bytes, shape

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sra_kernels.ops import attention, spatial_reduce
+from sra_kernels.ops import attention, projected_attention, spatial_reduce
 from tests.gpu_compile import EXIT_SKIP, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,8 @@ def test_every_launch_compiles(report):
 
 
 def test_every_kernel_is_covered(report):
-    kernels = {name for module in (attention, spatial_reduce) for name in vars(module) if name.endswith("_kernel")}
+    kernels = {name for module in (attention, projected_attention, spatial_reduce) for name in vars(module)
+               if name.endswith("_kernel")}
     for arch in SHARED_PER_BLOCK:
         assert {r["kernel"] for r in report if r["arch"] == arch} == kernels, f"sm_{arch}"
 

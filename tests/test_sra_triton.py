@@ -45,11 +45,8 @@ CASES = [  # B, H, W, C, heads, sr, linear
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,H,W,C,heads,sr,linear", CASES)
-def test_forward_and_gradients_match_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device):
-    if dtype != torch.float32 and kernel_device.type == "cpu" and (B, C) != (1, 64):
-        pytest.skip("low precision on the interpreter: two cases keep the suite fast")
+def _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device):
+    """Output and every gradient of the triton backend within the accuracy rule of the float64 reference."""
     x, weights = _problem(B, H, W, C, sr, linear, kernel_device)
     grad = torch.randn(B, H * W, C, dtype=torch.float64, device=kernel_device)
     x, weights = x.to(dtype).double(), [w.to(dtype).double() if w is not None else None for w in weights]
@@ -61,6 +58,31 @@ def test_forward_and_gradients_match_reference(B, H, W, C, heads, sr, linear, dt
     for name, g, e, p in zip(names, got, exact, peer):
         assert g.dtype == dtype, name
         assert_within_reference_error(name, g, e, p, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,W,C,heads,sr,linear", CASES)
+def test_forward_and_gradients_match_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device):
+    if dtype != torch.float32 and kernel_device.type == "cpu" and (B, C) != (1, 64):
+        pytest.skip("low precision on the interpreter: two cases keep the suite fast")
+    _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,W,C,heads,sr,linear", CASES)
+def test_projected_path_matches_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device, monkeypatch):
+    """SRA_KERNELS_FUSE_PROJECTIONS=1: q and out projections inside the attention kernel (C <= 128, 16-bit)."""
+    from sra_kernels import library
+    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+
+    if dtype == torch.float16 and kernel_device.type == "cpu":
+        pytest.skip("fp16 on the interpreter: bf16 covers the path there")
+    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
+    launches = []
+    forward = library.projected_attention_forward
+    monkeypatch.setattr(library, "projected_attention_forward", lambda *a: launches.append(a[-1]) or forward(*a))
+    _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device)
+    assert launches and all(launches)  # ran, saving q / o / lse for the backward
 
 
 @pytest.fixture
@@ -127,6 +149,35 @@ def test_opcheck_backward_ops(kernel_device):
             backward_args = (grad, x, H, W, *params, *outputs[1:], sr, linear, eps)
             backward = torch.ops.sra_kernels.spatial_reduce_backward.default
         torch.library.opcheck(backward, backward_args)
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_projected_attention(save, kernel_device):
+    C, heads = 32, 2
+    x, weights = _problem(2, 6, 5, C, 2, False, kernel_device, torch.float32)
+    kv = torch.randn(2, 7, 2, heads, C // heads, device=kernel_device)
+    args = (x, weights[0], weights[1], kv[:, :, 0], kv[:, :, 1], weights[4], weights[5], 0.25, save)
+    args = tuple(a.requires_grad_(save) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.sra_kernels.projected_attention.default, args)
+
+
+@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
+def test_compile_projected_path_fullgraph(linear, sr, kernel_device, monkeypatch):
+    """The fused-projection path traces as one graph too, gradients included (bf16 weights and input)."""
+    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+
+    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
+    module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=sr, linear=linear, backend="triton")
+    module = module.to(kernel_device, torch.bfloat16)
+    backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    x = torch.randn(2, 8 * 10, 32, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    out = compiled(x, 8, 10)
+    eager = module(x, 8, 10)
+    torch.testing.assert_close(out, eager)
+    (gx,) = torch.autograd.grad(out.float().sum(), x)
+    (ex,) = torch.autograd.grad(eager.float().sum(), x)
+    torch.testing.assert_close(gx, ex)
 
 
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
@@ -300,3 +351,33 @@ def test_forward_launches_are_the_cost_models_ops(linear, sr, kernel_device, mon
     ops = sra_attention_cost(SRAShape(B, H, W, C, heads, sr, linear), torch.float32, "forward").triton_ops
     assert sorted(launches) == sorted(FORWARD_KERNELS[name] for name, kind, _ in ops if kind == "triton")
     assert len(gemms) == sum(kind == "gemm" for _, kind, _ in ops) == 3
+
+
+
+@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
+def test_projected_forward_launches(linear, sr, kernel_device, monkeypatch):
+    """With the projections fused, an inference forward is the reduction kernel(s), one kv GEMM and the
+    projected-attention kernel; q and o are not allocated (no bias: zeros stand in)."""
+    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+    from sra_kernels.ops import projected_attention
+
+    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
+    B, H, W, C, heads = 2, 9, 8, 32, 2
+    launches, gemms = [], []
+    kernel_class = type(projected_attention._projected_fwd_kernel)
+    run = kernel_class.run
+    monkeypatch.setattr(kernel_class, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or run(self, *a, **k))
+    linear_fn = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(a[1].shape) or linear_fn(*a))
+    module = SpatialReductionAttention(C, heads, qkv_bias=False, sr_ratio=sr, linear=linear, backend="triton")
+    module = module.to(kernel_device, torch.bfloat16)
+    x = torch.randn(B, H * W, C, device=kernel_device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = module(x, H, W)
+    reduction = ["_adaptive_pool_kernel"] * linear + ["_reduce_norm_fwd_kernel"] * (linear or sr > 1)
+    assert sorted(launches) == sorted(reduction + ["_projected_fwd_kernel"])
+    assert gemms == [(2 * C, C)]
+    module.backend = "sdpa"
+    with torch.no_grad():
+        want = module(x, H, W)
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)

@@ -66,6 +66,23 @@ def _softmax_step(q, k, v, key_valid, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def _attend_key_blocks(q, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of q (BN, BD) over all M keys, one key block (keys = arange(BLOCK_M)) at a time.
+
+    Returns (m_i, l_i, acc): running max (log2 domain), sum and unnormalised output (BN, BD) fp32.
+    """
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
+        v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
+        m_i, l_i, acc = _softmax_step(q, k, v, start_m + keys < M, m_i, l_i, acc, qk_scale)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _row_delta(o_base, so_n, so_d, do, rows, cols, N, D, UPCAST: tl.constexpr):
     """delta = rowsum(dO * O) (BN,) fp32 for the rows of the dO tile ``do`` (BN, BD)."""
     o = _load_tile(o_base, rows, cols, so_n, so_d, N, D, UPCAST)
@@ -149,16 +166,14 @@ def _fwd_kernel(
     for qb in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
         rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
         q = _load_tile(q_base, rows, cols, sq_n, sq_d, N, D, UPCAST)
-        m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if SINGLE_KV:
+            m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             m_i, l_i, acc = _softmax_step(q, k, v, keys < M, m_i, l_i, acc, qk_scale)
         else:
-            for start_m in range(0, M, BLOCK_M):
-                k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
-                v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
-                m_i, l_i, acc = _softmax_step(q, k, v, start_m + keys < M, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = _attend_key_blocks(q, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
+                                               BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
         _store_tile(o_base, acc / l_i[:, None], rows, cols, H * D, N, D)
         tl.store(lse_row + rows, (m_i + tl.log2(l_i)) * LN2, mask=rows < N)
 
