@@ -43,9 +43,10 @@ Bytes (HBM traffic)
       count; each is written once and read once). ``SRACost.triton_ops`` lists it launch by launch,
       with ``kind`` "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other PyTorch kernels).
     * ``projected`` -- the same for the opt-in fused-projection path (``SRA_KERNELS_FUSE_PROJECTIONS=1``,
-      C <= 128, fp16/bf16): q and out projections inside the attention kernel, so in inference x is
-      read once for the queries and the output written once; training also writes q, o and the
-      log-sum-exp, and its backward is step 1's except that autograd sums the two dx.
+      C <= 128, fp16/bf16): the kv projection in the reduction kernel's epilogue, q and out projections
+      inside the attention kernel, so in inference x is read once for the queries and the output
+      written once; training also writes q, o and the log-sum-exp, and its backward is step 1's
+      except that autograd sums the two dx.
 """
 
 from __future__ import annotations
@@ -414,15 +415,21 @@ def _triton_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
 
 
 def _projected_forward_ops(shape: SRAShape, dtype: torch.dtype, training: bool) -> list[Op]:
-    """The fused-projection path's forward (``SRA_KERNELS_FUSE_PROJECTIONS=1``): the reduction, the kv GEMM,
-    then one kernel that reads x and the q / proj weights and writes the output (+ q, o and lse in training)."""
+    """The fused-projection path's forward (``SRA_KERNELS_FUSE_PROJECTIONS=1``): the reduction with the kv
+    projection in its epilogue (reads W_kv, b_kv, writes kv too; a kv GEMM when sr = 1), then one kernel
+    that reads x, k, v and the q / proj weights and writes the output (+ q, o and lse in training)."""
     B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
     e, x, reduced, _ = _sizes(shape, dtype)
+    kv = _gemm_forward(B * M, C, 2 * C, e)
+    if shape.reduces:
+        *ops, (name, kind, reduce) = _reduction_forward_ops(shape, dtype)
+        ops += [(name, kind, reduce + Cost(kv.flops, (2 * C * C + 2 * C) * e, kv.bytes_written))]
+    else:
+        ops = [("kv", "gemm", kv)]
     saved = 2 * x * e + _lse_bytes(shape) if training else 0
     flops = 2 * (2 * B * N * C * C) + 4 * B * N * M * C
-    return _reduction_forward_ops(shape, dtype) + [
-        ("kv", "gemm", _gemm_forward(B * M, C, 2 * C, e)),
-        ("projected_attention", "triton", Cost(flops, (x + 2 * reduced + 2 * (C * C + C)) * e, x * e + saved))]
+    return ops + [("projected_attention", "triton",
+                   Cost(flops, (x + 2 * reduced + 2 * (C * C + C)) * e, x * e + saved))]
 
 
 def _projected_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:

@@ -7,8 +7,9 @@ kernel as strided views, never permuted copies.
 
 Steps 2/3, opt-in with ``SRA_KERNELS_FUSE_PROJECTIONS=1`` until GPU measurements choose: for
 C <= 128 the q projection and the out projection run inside the attention kernel
-(``projected_attention``): x is read once for the queries and the output written once, with no q
-or pre-projection output crossing HBM in inference.
+(``projected_attention``), and the kv projection runs in the reduction kernel's epilogue
+(``reduce_project_kv``): x is read once for the queries and the output written once, with no q,
+pre-projection output or reduced tokens crossing HBM in inference: two launches when reducing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from .library import (
     project_and_reduce,
     projected_attention,
+    reduce_project_kv,
     reduced_kv_attention,
     spatial_reduce,
 )
@@ -103,15 +105,21 @@ def _sra_attention_projected(
     x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
     sr_weight, sr_bias, norm_weight, norm_bias, *, num_heads, sr_ratio, linear, eps, scale,
 ) -> torch.Tensor:
-    """Steps 2/3: reduction kernel, kv by cuBLAS, then q projection + attention + out projection in one kernel."""
+    """Steps 2/3: the reduction kernel with the kv projection in its epilogue (kv by cuBLAS when sr = 1), then
+    q projection + attention + out projection in one kernel."""
     B, N, C = x.shape
     head_dim = C // num_heads
-    x, q_weight, q_bias, proj_weight, proj_bias = _autocast_inputs(x, q_weight, q_bias, proj_weight, proj_bias)
-    reduced = spatial_reduce_triton(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio=sr_ratio,
-                                    linear=linear, eps=eps)
-    kv = F.linear(reduced, kv_weight, kv_bias).view(B, reduced.shape[1], 2, num_heads, head_dim).to(x.dtype)
-    q_bias = x.new_zeros(C) if q_bias is None else q_bias
-    proj_bias = x.new_zeros(C) if proj_bias is None else proj_bias
+    x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias = _autocast_inputs(
+        x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias)
+    q_bias, kv_bias, proj_bias = (x.new_zeros(n) if bias is None else bias
+                                  for n, bias in ((C, q_bias), (2 * C, kv_bias), (C, proj_bias)))
+    if linear or sr_ratio > 1:  # the kv projection in the reduction kernel's epilogue
+        sr_weight, *optional = _autocast_inputs(x, sr_weight, sr_bias, norm_weight, norm_bias)[1:]
+        kv = reduce_project_kv(x, *size, sr_weight, *_filled(C, x, *optional), kv_weight, kv_bias, sr_ratio, linear,
+                               eps)[0]
+    else:
+        kv = F.linear(x, kv_weight, kv_bias)
+    kv = kv.view(B, kv.shape[1], 2, num_heads, head_dim)
     inputs = (x, q_weight, q_bias, kv, proj_weight, proj_bias)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     scale = head_dim ** -0.5 if scale is None else scale

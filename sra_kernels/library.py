@@ -30,6 +30,7 @@ from torch.utils.flop_counter import (
 from .ops.attention import attention_backward, attention_forward
 from .ops.projected_attention import projected_attention_forward
 from .ops.spatial_reduce import (
+    reduce_and_project_kv,
     reduced_size,
     spatial_reduce_backward,
     spatial_reduce_forward,
@@ -158,6 +159,62 @@ def _(x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
 def _(grad_y_shape, x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
     sr_ratio, linear = args[-3], args[-2]
     return 2 * _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear)  # grad input + grad weight
+
+
+# --------------------------------------------------------------------------- reduction + kv projection
+def _reduce_project_kv_impl(
+    x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+    kv_weight: Tensor, kv_bias: Tensor, sr_ratio: int, linear: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (B, H*W, C), C <= 128 -> (kv = reduced tokens W_kv^T + b_kv (B, M, 2C), then the outputs of
+    ``spatial_reduce``): the kv projection in the reduction kernel's epilogue."""
+    return reduce_and_project_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps,
+                                 kv_weight, kv_bias)
+
+
+reduce_project_kv_op = torch.library.custom_op("sra_kernels::reduce_project_kv", mutates_args=())(
+    _reduce_project_kv_impl)
+
+
+@reduce_project_kv_op.register_fake
+def _(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, kv_bias, sr_ratio, linear, eps):
+    reduced = _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
+    B, M, C = reduced[0].shape
+    return (x.new_empty((B, M, 2 * C)), *reduced)
+
+
+def _reduce_project_kv_setup_context(ctx, inputs, output):
+    x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, _, sr_ratio, linear, eps = inputs
+    _, y, z, mean, rstd, pooled = output
+    ctx.save_for_backward(x, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, y, z, mean, rstd, pooled)
+    ctx.geometry = (H, W, sr_ratio, linear, eps)
+    ctx.mark_non_differentiable(y, z, mean, rstd, pooled)
+
+
+def _reduce_project_kv_backward(ctx, grad_kv, *_unused_grads):
+    """kv projection backward by cuBLAS (dy = dkv W_kv, dW_kv = dkv^T y), then the reduction's backward."""
+    x, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, y, z, mean, rstd, pooled = ctx.saved_tensors
+    H, W, sr_ratio, linear, eps = ctx.geometry
+    grad_kv = grad_kv.reshape(-1, kv_weight.shape[0])
+    grad_y = (grad_kv @ kv_weight).view(y.shape)
+    dx, dw, db, dnw, dnb = _run(spatial_reduce_backward_op, _spatial_reduce_backward_impl,
+                                grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+                                sr_ratio, linear, eps)
+    return (dx, None, None, dw, db, dnw, dnb, grad_kv.T @ y.reshape(-1, y.shape[-1]), grad_kv.sum(0),
+            None, None, None)
+
+
+reduce_project_kv_op.register_autograd(_reduce_project_kv_backward, setup_context=_reduce_project_kv_setup_context)
+reduce_project_kv = _entry_point(reduce_project_kv_op, _reduce_project_kv_impl, _reduce_project_kv_setup_context,
+                                 _reduce_project_kv_backward)
+
+
+@register_flop_formula(torch.ops.sra_kernels.reduce_project_kv)
+def _(x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
+    sr_ratio, linear = args[-3], args[-2]
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    C = x_shape[-1]
+    return _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear) + 2 * x_shape[0] * Hr * Wr * C * 2 * C
 
 
 # --------------------------------------------------------------------------- q projection + reduction

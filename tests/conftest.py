@@ -12,6 +12,11 @@ KERNEL_DEVICES = (["cuda"] if CUDA else []) + (["cpu"] if INTERPRETER else [])
 """Devices on which the Triton kernels run: CUDA natively, CPU in Triton's interpreter."""
 
 
+def nan_empty(shape, dtype, device):
+    """``torch.empty`` filled with NaN, for buffers a kernel must fully overwrite: an unwritten element shows."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
 @pytest.fixture(autouse=True)
 def _seed_threads_and_fp32():
     """Seed every test; one intra-op thread (small shapes: on a busy 2-core CPU OpenMP threads spin

@@ -158,12 +158,20 @@ def _recording(sm_count: int):
 
 def _run_spatial(B, H, W, C, sr, linear, dtype) -> str:
     """spatial_reduce_forward + backward on meta tensors; returns the case label."""
-    from sra_kernels.ops.spatial_reduce import spatial_reduce_backward, spatial_reduce_forward
+    from sra_kernels.ops.spatial_reduce import (
+        kv_max_channels,
+        reduce_and_project_kv,
+        spatial_reduce_backward,
+        spatial_reduce_forward,
+    )
 
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(B, H * W, C, **meta)
     weight, vec = torch.empty(C, C, sr, sr, **meta), torch.empty(C, **meta)
     y, *saved = spatial_reduce_forward(x, H, W, weight, vec, vec, vec, sr, linear, 1e-5)
+    if C <= kv_max_channels(dtype):  # the kv projection in the forward kernel's epilogue
+        kv_weight, kv_bias = torch.empty(2 * C, C, **meta), torch.empty(2 * C, **meta)
+        reduce_and_project_kv(x, H, W, weight, vec, vec, vec, sr, linear, 1e-5, kv_weight, kv_bias)
     spatial_reduce_backward(torch.empty_like(y), x, H, W, weight, vec, vec, vec, *saved, sr, linear, 1e-5)
     return f"spatial B{B} {H}x{W} C{C} " + ("linear" if linear else f"sr{sr}")
 

@@ -11,7 +11,7 @@ import torch
 from sra_kernels.ops import attention
 from sra_kernels.reference import reduced_kv_attention
 from tests.accuracy import FLOOR, assert_within_reference_error
-from tests.conftest import CUDA, INTERPRETER
+from tests.conftest import CUDA, INTERPRETER, nan_empty
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton kernel
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
     """Allocate every buffer the kernels must fully overwrite (outputs, partials, delta) as NaN."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
     monkeypatch.setattr(attention, "_empty", nan_empty)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from sra_kernels.ops import projected_attention
 from tests.accuracy import assert_within_reference_error
-from tests.conftest import CUDA, INTERPRETER
+from tests.conftest import CUDA, INTERPRETER, nan_empty
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -20,9 +20,6 @@ pytestmark = pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton kernel
 
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
     monkeypatch.setattr(projected_attention, "_empty", nan_empty)
 
 

@@ -14,6 +14,7 @@ import torch
 from sra_kernels import reference
 from sra_kernels.ops import spatial_reduce as sr_ops
 from tests.accuracy import assert_within_reference_error
+from tests.conftest import nan_empty
 
 EPS = 1e-5
 
@@ -23,9 +24,7 @@ NAMES = ("y", "dx", "d_sr_weight", "d_sr_bias", "d_norm_weight", "d_norm_bias")
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every kernel-written buffer starts full of NaN: an element left unwritten shows up."""
-    monkeypatch.setattr(
-        sr_ops, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    )
+    monkeypatch.setattr(sr_ops, "_alloc", nan_empty)
 
 
 def _problem(B, H, W, C, sr, linear, dtype, device):
@@ -226,3 +225,30 @@ def test_backward_accumulates_into_given_dx(linear, sr, kernel_device):
     torch.testing.assert_close(dx_acc, other + dx, rtol=1e-6, atol=1e-6)
     for a, b in zip(param_grads_acc, param_grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,H,W,C,sr,linear", [(2, 9, 11, 32, 2, False), (1, 10, 13, 40, 4, False),
+                                                (1, 9, 12, 64, 1, True), (1, 16, 16, 128, 8, False)])
+def test_kv_projection_epilogue(B, H, W, C, sr, linear, dtype, kernel_device):
+    """reduce_and_project_kv: the same reduction outputs bit for bit, plus kv = y W_kv^T + b_kv within the
+    accuracy rule of a same-dtype torch Linear on the kernel's own y (2C columns in BLOCK_C chunks)."""
+    if C > sr_ops.kv_max_channels(dtype):
+        pytest.skip(f"the kv epilogue takes C <= {sr_ops.kv_max_channels(dtype)} in {dtype}")
+    inputs, _ = _problem(B, H, W, C, sr, linear, dtype, kernel_device)
+    kv_weight = (torch.randn(2 * C, C, dtype=torch.float64) / C ** 0.5).to(kernel_device, dtype)
+    kv_bias = (0.5 * torch.randn(2 * C, dtype=torch.float64)).to(kernel_device, dtype)
+    x, *params = inputs
+    kv, *reduced = sr_ops.reduce_and_project_kv(x, H, W, *params, sr, linear, EPS, kv_weight, kv_bias)
+    for got, want in zip(reduced, sr_ops.spatial_reduce_forward(x, H, W, *params, sr, linear, EPS)):
+        assert torch.equal(got, want)
+    y = reduced[0]
+    exact = torch.nn.functional.linear(y.double(), kv_weight.double(), kv_bias.double())
+    peer = torch.nn.functional.linear(y.float(), kv_weight.float(), kv_bias.float()).to(dtype)
+    assert_within_reference_error("kv", kv, exact, peer, dtype)
+    with pytest.raises(ValueError, match="C <= "):
+        wide = torch.zeros(1, 4, 160, device=kernel_device, dtype=dtype)
+        sr_ops.reduce_and_project_kv(wide, 2, 2, torch.zeros(160, 160, 2, 2, device=kernel_device, dtype=dtype),
+                                     *(torch.zeros(160, device=kernel_device, dtype=dtype),) * 3, 2, False, EPS,
+                                     torch.zeros(320, 160, device=kernel_device, dtype=dtype),
+                                     torch.zeros(320, device=kernel_device, dtype=dtype))

@@ -161,6 +161,15 @@ def test_opcheck_projected_attention(save, kernel_device):
     torch.library.opcheck(torch.ops.sra_kernels.projected_attention.default, args)
 
 
+@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1)])
+def test_opcheck_reduce_project_kv(linear, sr, kernel_device):
+    C = 32
+    x, weights = _problem(2, 8, 9, C, sr, linear, kernel_device, torch.float32)
+    args = (x, 8, 9, *weights[6:], weights[2], weights[3], sr, linear, 1e-5)
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.sra_kernels.reduce_project_kv.default, args)
+
+
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
 def test_compile_projected_path_fullgraph(linear, sr, kernel_device, monkeypatch):
     """The fused-projection path traces as one graph too, gradients included (bf16 weights and input)."""
@@ -356,8 +365,9 @@ def test_forward_launches_are_the_cost_models_ops(linear, sr, kernel_device, mon
 
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
 def test_projected_forward_launches(linear, sr, kernel_device, monkeypatch):
-    """With the projections fused, an inference forward is the reduction kernel(s), one kv GEMM and the
-    projected-attention kernel; q and o are not allocated (no bias: zeros stand in)."""
+    """With the projections fused, an inference forward is the reduction kernel with the kv projection in
+    its epilogue (after the pool kernel in linear mode) and the projected-attention kernel; with sr = 1 a
+    kv GEMM and that kernel. No biases: zeros stand in."""
     from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
     from sra_kernels.ops import projected_attention
 
@@ -376,7 +386,7 @@ def test_projected_forward_launches(linear, sr, kernel_device, monkeypatch):
         out = module(x, H, W)
     reduction = ["_adaptive_pool_kernel"] * linear + ["_reduce_norm_fwd_kernel"] * (linear or sr > 1)
     assert sorted(launches) == sorted(reduction + ["_projected_fwd_kernel"])
-    assert gemms == [(2 * C, C)]
+    assert gemms == ([] if linear or sr > 1 else [(2 * C, C)])
     module.backend = "sdpa"
     with torch.no_grad():
         want = module(x, H, W)

@@ -114,17 +114,18 @@ def _adaptive_pool_kernel(
 
 @triton.jit
 def _reduce_norm_fwd_kernel(
-    a_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr,
-    y_ptr, z_ptr, mean_ptr, rstd_ptr,
+    a_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, kv_w_ptr, kv_b_ptr,
+    y_ptr, z_ptr, mean_ptr, rstd_ptr, kv_ptr,
     M, Wr, W_img, C, num_m_blocks, eps,
     stride_ab, stride_an, stride_ac,
-    SR: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr,
+    SR: tl.constexpr, GELU: tl.constexpr, KV: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Patch GEMM + bias + LayerNorm (+ GELU) of BLOCK_M reduced tokens of one image.
+    """Patch GEMM + bias + LayerNorm (+ GELU) of BLOCK_M reduced tokens of one image (+ the kv projection).
 
     a: source tokens (B, L, C) of an image W_img wide, read through its strides; w: (SR*SR*C, C) tap-major.
-    Writes y (B, M, C) and the conv output z (B, M, C) in a's dtype, mean and rstd (B, M) in fp32.
+    Writes y (B, M, C) and the conv output z (B, M, C) in a's dtype, mean and rstd (B, M) in fp32. With KV
+    also kv (B, M, 2C) = y kv_w^T + kv_b (kv_w (2C, C), kv_b (2C,) contiguous), from y rounded to a's dtype.
     """
     pid = tl.program_id(0)
     b = pid // num_m_blocks
@@ -160,10 +161,21 @@ def _reduce_norm_fwd_kernel(
     row = b.to(tl.int64) * M + m
     offs = row[:, None] * C + c[None, :]
     mask = m_mask[:, None] & c_mask[None, :]
-    tl.store(y_ptr + offs, rounded_cast(out, y_ptr.dtype.element_ty), mask=mask)
+    y = rounded_cast(out, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, y, mask=mask)
     tl.store(z_ptr + offs, rounded_cast(z, z_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean, mask=m_mask)
     tl.store(rstd_ptr + row, rstd, mask=m_mask)
+    if KV:  # kv columns in chunks of BLOCK_C: n < C are k, C <= n < 2C are v
+        for n0 in range(0, 2 * C, BLOCK_C):
+            n = n0 + c
+            n_mask = n < 2 * C
+            w_kv = tl.load(kv_w_ptr + n[None, :] * C + c[:, None], mask=c_mask[:, None] & n_mask[None, :],
+                           other=0.0)
+            kv = _mma(y, w_kv, tl.zeros((BLOCK_M, BLOCK_C), tl.float32), UPCAST)
+            kv += tl.load(kv_b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(kv_ptr + row[:, None] * (2 * C) + n[None, :], rounded_cast(kv, kv_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,15 +402,34 @@ def _conv_geometry(x, pooled, W, sr_ratio, linear):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def kv_max_channels(dtype: torch.dtype) -> int:
+    """Widest C for which the forward kernel also applies the kv projection: a (C, C) weight tile per step,
+    which at C = 128 in fp32 overflows an A100's shared memory (tests/gpu_compile.py)."""
+    return 64 if dtype == torch.float32 else 128
+
+
 def spatial_reduce_forward(
     x: torch.Tensor, H: int, W: int,
     sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
     sr_ratio: int, linear: bool, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reduction alone: :func:`reduce_and_project_kv` without the projection (see there)."""
+    return reduce_and_project_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)[1:]
+
+
+def reduce_and_project_kv(
+    x: torch.Tensor, H: int, W: int,
+    sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+    sr_ratio: int, linear: bool, eps: float,
+    kv_weight: torch.Tensor | None = None, kv_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spatial reduction of tokens x (B, N = H*W, C), any strides; fp32 / fp16 / bf16.
 
     sr_weight (C, C, sr, sr), or (C, C, 1, 1) in linear mode; sr_bias, norm_weight, norm_bias (C,).
-    Returns (y, z, mean, rstd, pooled):
+    kv_weight (2C, C) and kv_bias (2C,), C <= :func:`kv_max_channels`: also project the reduced tokens in
+    the same launch.
+    Returns (kv, y, z, mean, rstd, pooled):
+        kv: (B, M, 2C) x.dtype = y kv_weight^T + kv_bias, the keys and values; (B, M, 0) without kv_weight;
         y: (B, M, C) x.dtype, M = (H // sr) * (W // sr), or 49 in linear mode;
         z: (B, M, C) x.dtype, the conv output (before the LayerNorm);
         mean, rstd: (B, M) fp32 LayerNorm statistics;
@@ -416,8 +447,13 @@ def spatial_reduce_forward(
     mean = _alloc((B, M), dtype=torch.float32, device=dev)
     rstd = _alloc((B, M), dtype=torch.float32, device=dev)
     pooled = _alloc((B, LINEAR_POOL_SIZE ** 2 if linear else 0, C), dtype=x.dtype, device=dev)
+    project = kv_weight is not None
+    if project and C > kv_max_channels(x.dtype):
+        raise ValueError(f"the kv projection runs in the reduction kernel for C <= {kv_max_channels(x.dtype)} "
+                         f"in {x.dtype}, got C={C}")
+    kv = _alloc((B, M, 2 * C if project else 0), dtype=x.dtype, device=dev)
     if y.numel() == 0:
-        return y, z, mean, rstd, pooled
+        return kv, y, z, mean, rstd, pooled
 
     if linear:
         block_c = min(128, max(16, next_power_of_2(C)))
@@ -430,12 +466,13 @@ def spatial_reduce_forward(
     num_m_blocks = cdiv(M, cfg["BLOCK_M"])
     _reduce_norm_fwd_kernel[(B * num_m_blocks,)](
         src, _tap_major(sr_weight), sr_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(),
-        y, z, mean, rstd,
+        kv_weight.contiguous() if project else y, kv_bias.contiguous() if project else y,
+        y, z, mean, rstd, kv,
         M, Wr, src_w, C, num_m_blocks, eps,
         *src.stride(),
-        SR=sr, GELU=linear, UPCAST=INTERPRETED, **cfg,
+        SR=sr, GELU=linear, KV=project, UPCAST=INTERPRETED, **cfg,
     )
-    return y, z, mean, rstd, pooled
+    return kv, y, z, mean, rstd, pooled
 
 
 def spatial_reduce_backward(
