@@ -5,7 +5,7 @@
 
 For each strided-reduction stage of pvt_v2_b2 at 224x224 (batch 64) and 512x512 (batch 16), bf16,
 times ``spatial_reduce_forward`` and ``spatial_reduce_backward`` under the heuristic's row config
-and under alternatives (rows per program, warps, stages) of the forward kernel (``tile=8192``) or of
+and under alternatives (rows per program, warps, stages) of the forward kernel (``tile=16384``) or of
 the backward's LayerNorm/input kernel (``tile=4096``), each checked against the heuristic's output.
 Timed as CUDA-graph replays (``triton.testing.do_bench_cudagraph``): the kernels alone, without the
 host's launch overhead. One JSON line per (shape, pass, config), appended as measured.
@@ -27,7 +27,7 @@ from sra_kernels.cost import model_stages
 from sra_kernels.ops import spatial_reduce as sr_ops
 
 CHOICES = {"BLOCK_M": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3)}
-PASS_TILE = {"fwd": 8192, "bwd": 4096}
+PASS_TILE = {"fwd": 16384, "bwd": 4096}
 """The ``tile`` argument with which each pass asks ``_row_config`` for its row kernel."""
 
 
