@@ -70,7 +70,8 @@ def check_size(size, num_tokens: int) -> tuple[int, int]:
 
 
 def check_parameter(name: str, tensor, shape: tuple[int, ...], like: torch.Tensor, *, optional: bool):
-    """A weight of the given shape, dtype and device of ``like``; None allowed when optional."""
+    """A weight of the given shape, dtype and device of ``like``; None allowed when optional. Under autocast
+    any floating dtype passes: the op computes in autocast's dtype, as torch's Linear and Conv2d do."""
     if tensor is None:
         if optional:
             return None
@@ -79,7 +80,7 @@ def check_parameter(name: str, tensor, shape: tuple[int, ...], like: torch.Tenso
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {_describe(tensor)}")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
-    if tensor.dtype != like.dtype:
+    if tensor.dtype != like.dtype and not (torch.is_autocast_enabled(like.device.type) and tensor.is_floating_point()):
         raise ValueError(f"{name} must have x's dtype {like.dtype}, got {tensor.dtype}")
     if tensor.device != like.device:
         raise ValueError(f"{name} must be on x's device {like.device}, got {tensor.device}")

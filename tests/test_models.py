@@ -441,6 +441,38 @@ def test_v1_position_embeddings_resized_on_load():
 # ---------------------------------------------------------------- backends and training
 
 
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
+def test_fused_projection_path_under_bf16_autocast(name, monkeypatch):
+    """SRA_KERNELS_FUSE_PROJECTIONS=1 under bf16 autocast (the models' mixed precision): the stages with
+    C <= 128 take the fused path, and the logits stay within 2x the bf16 reference's error of float64."""
+    cuda = torch.cuda.is_available()
+    if not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the triton backend needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+    library = pytest.importorskip("sra_kernels.library")
+    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+
+    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
+    widths = []
+    forward = library.projected_attention_forward
+    monkeypatch.setattr(library, "projected_attention_forward", lambda *a: widths.append(a[0].shape[-1]) or forward(*a))
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(7)
+    model = pvt.create_model(name, backend="triton", **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = copy.deepcopy(model).double()
+    expected.set_backend("reference")
+    model.to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(x.to(device)).float().cpu()
+        model.set_backend("reference")
+        reference = model(x.to(device)).float().cpu()
+        expected = expected(x.double())
+    assert widths == [w for w in model.embed_dims if w <= 128]  # one fused call per attention block
+    err = (out.double() - expected).abs().max().item()
+    err_reference = (reference.double() - expected).abs().max().item()
+    assert err <= 2 * err_reference + 4e-3 * expected.abs().max().item(), (err, err_reference)
+
+
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li", "pvt_tiny"])
 def test_triton_logits_match_reference(name, monkeypatch):
     """Whole-model logits on the triton backend vs float64, within 2x the fp32 reference's error."""

@@ -73,6 +73,19 @@ def test_weight_dtype_must_match_x(name):
     _raises(ValueError, f"{name} must have x's dtype torch.float32, got torch.float64", **{name: bad})
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_autocast_takes_weights_of_another_dtype(backend):
+    """Under autocast x can arrive in bf16 with fp32 weights (a PVT block on CPU): the op casts, as
+    torch's Linear and Conv2d do, and matches its fp32 result to bf16 rounding."""
+    kwargs = {k: v * C ** -0.5 if k.endswith("weight") else v for k, v in _args().items()}  # moderate scores
+    want = sra_attention(**kwargs, backend=backend)
+    kwargs["x"] = kwargs["x"].bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sra_attention(**kwargs, backend=backend)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+
+
 def test_weight_device_must_match_x():
     bad = _args()["q_weight"].to("meta")
     _raises(ValueError, "q_weight must be on x's device cpu, got meta", q_weight=bad)
