@@ -441,45 +441,53 @@ def test_v1_position_embeddings_resized_on_load():
 # ---------------------------------------------------------------- backends and training
 
 
+def _triton_model_case(name):
+    """(model with backend triton on the kernel device, x (2, 3, 64, 64) on the CPU, a float64 copy on the
+    reference backend, the device); skips where the triton backend cannot run."""
+    cuda = torch.cuda.is_available()
+    if not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the triton backend needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+    torch.manual_seed(7)
+    model = pvt.create_model(name, backend="triton", **TINY).eval()
+    expected = copy.deepcopy(model).double()
+    expected.set_backend("reference")
+    device = torch.device("cuda" if cuda else "cpu")
+    return model.to(device), torch.randn(2, 3, 64, 64), expected, device
+
+
+def _assert_within_twice_the_reference_error(out, reference, expected, floor):
+    err = (out.double() - expected).abs().max().item()
+    err_reference = (reference.double() - expected).abs().max().item()
+    assert err <= 2 * err_reference + floor * expected.abs().max().item(), (err, err_reference)
+
+
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
 def test_fused_projection_path_under_bf16_autocast(name, monkeypatch):
     """SRA_KERNELS_FUSE_PROJECTIONS=1 under bf16 autocast (the models' mixed precision): the stages with
     C <= 128 take the fused path, and the logits stay within 2x the bf16 reference's error of float64."""
-    cuda = torch.cuda.is_available()
-    if not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("the triton backend needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
-    library = pytest.importorskip("sra_kernels.library")
+    model, x, expected, device = _triton_model_case(name)
+    from sra_kernels import library
     from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
 
     monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
     widths = []
     forward = library.projected_attention_forward
     monkeypatch.setattr(library, "projected_attention_forward", lambda *a: widths.append(a[0].shape[-1]) or forward(*a))
-    device = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(7)
-    model = pvt.create_model(name, backend="triton", **TINY).eval()
-    x = torch.randn(2, 3, 64, 64)
-    expected = copy.deepcopy(model).double()
-    expected.set_backend("reference")
-    model.to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         out = model(x.to(device)).float().cpu()
         model.set_backend("reference")
         reference = model(x.to(device)).float().cpu()
         expected = expected(x.double())
     assert widths == [w for w in model.embed_dims if w <= 128]  # one fused call per attention block
-    err = (out.double() - expected).abs().max().item()
-    err_reference = (reference.double() - expected).abs().max().item()
-    assert err <= 2 * err_reference + 4e-3 * expected.abs().max().item(), (err, err_reference)
+    _assert_within_twice_the_reference_error(out, reference, expected, floor=4e-3)
 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li", "pvt_tiny"])
 def test_triton_logits_match_reference(name, monkeypatch):
     """Whole-model logits on the triton backend vs float64, within 2x the fp32 reference's error."""
-    cuda = torch.cuda.is_available()
-    if not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("the triton backend needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
-    fused = pytest.importorskip("sra_kernels.fused")
+    model, x, expected, device = _triton_model_case(name)
+    from sra_kernels import fused
+
     calls = []
     kernel = fused.sra_attention_triton
 
@@ -488,22 +496,13 @@ def test_triton_logits_match_reference(name, monkeypatch):
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(fused, "sra_attention_triton", counting)
-    device = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(7)
-    model = pvt.create_model(name, backend="triton", **TINY).eval()
-    x = torch.randn(2, 3, 64, 64)
-    expected = copy.deepcopy(model).double()
-    expected.set_backend("reference")
     with torch.no_grad():
         expected = expected(x.double())
-        model.to(device)
         out = model(x.to(device)).cpu()
         assert len(calls) == 4  # every attention ran the fused op
         model.set_backend("reference")
         reference = model(x.to(device)).cpu()
-    err = (out.double() - expected).abs().max().item()
-    err_reference = (reference.double() - expected).abs().max().item()
-    assert err <= 2 * err_reference + 1e-5 * expected.abs().max().item(), (err, err_reference)
+    _assert_within_twice_the_reference_error(out, reference, expected, floor=1e-5)
 
 
 def test_training_steps_reduce_loss():
