@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import time
 
 import torch
 import triton
-import triton.testing
 
-from benchmarks import run_info
+from benchmarks import sweep
+from benchmarks.sweep import graph_ms, relative_error
 from sra_kernels.cost import model_stages
 from sra_kernels.ops import attention
 
@@ -41,12 +39,6 @@ def _variants(base: attention._Plan, choices: dict, N: int, batch_heads: int, sm
                                   num_programs=programs), per_sm
 
 
-def _time(fn) -> float:
-    """Median ms of CUDA-graph replays: the kernels alone (eager timing of calls this short measures
-    the host's launch overhead, as a first H200 run of this sweep showed)."""
-    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
-
-
 def _with_plan(plan, fn):
     original = attention._plan
     attention._plan = lambda *args, **kwargs: plan
@@ -56,7 +48,9 @@ def _with_plan(plan, fn):
         attention._plan = original
 
 
-def sweep_shape(B: int, N: int, M: int, h: int, d: int, write) -> None:
+def sweep_shape(shape: tuple[int, int, int, int, int], write) -> None:
+    """Rows of every plan of one (B, N, M, heads, head_dim) shape, forward and backward."""
+    B, N, M, h, d = shape
     q, k, v, do = (torch.randn(B, n, h, d, device="cuda", dtype=torch.bfloat16) for n in (N, M, M, N))
     scale = d**-0.5
     o, lse = attention.attention_forward(q, k, v, scale)
@@ -69,15 +63,13 @@ def sweep_shape(B: int, N: int, M: int, h: int, d: int, write) -> None:
     for name, (fn, choices, backward, want) in passes.items():
         base = attention._plan(N, M, d, B * h, q.dtype, q.device, backward=backward)
         key = {"B": B, "N": N, "M": M, "heads": h, "head_dim": d, "dtype": "bf16", "pass_": name}
-        write(dict(key, plan=base._asdict(), per_sm="heuristic", ms=_time(fn)))
+        write(dict(key, plan=base._asdict(), per_sm="heuristic", ms=graph_ms(fn)))
         for plan, per_sm in _variants(base, choices, N, B * h, sms):
             if plan == base:
                 continue
             try:
-                got = _with_plan(plan, fn)
-                got = got[:len(want)]
-                error = max(((g.double() - w.double()).norm() / w.double().norm()).item() for g, w in zip(got, want))
-                ms = _with_plan(plan, lambda: _time(fn))
+                error = relative_error(_with_plan(plan, fn)[:len(want)], want)
+                ms = _with_plan(plan, lambda: graph_ms(fn))
                 write(dict(key, plan=plan._asdict(), per_sm=per_sm, ms=ms, rel_error_vs_heuristic=error))
             except Exception as exc:  # noqa: BLE001 - a plan that fails to compile is a result too
                 write(dict(key, plan=plan._asdict(), per_sm=per_sm, error=repr(exc)[:300]))
@@ -90,23 +82,11 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=list(RESOLUTIONS), choices=list(RESOLUTIONS))
     parser.add_argument("--budget-s", type=float, default=120.0)
     args = parser.parse_args()
-    start = time.monotonic()
     shapes = {(s.batch, s.tokens, s.reduced_tokens, s.heads, s.channels // s.heads)
               for model in args.models for size in args.sizes
               for s in model_stages(model, size, RESOLUTIONS[size])}
-    with open(args.out, "a") as out:
-        def write(row):
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-
-        write({"run_info": run_info()})
-        for shape in sorted(shapes, key=lambda s: -s[1]):
-            if time.monotonic() - start > args.budget_s:
-                write({"skipped_shape": shape, "reason": f"--budget-s {args.budget_s} spent"})
-                continue
-            sweep_shape(*shape, write)
-            print(f"swept B,N,M,h,d={shape} at {time.monotonic() - start:.0f} s", flush=True)
-
+    sweep.run(args.out, sorted(shapes, key=lambda s: -s[1]), sweep_shape, args.budget_s,
+              label=lambda s: "B,N,M,h,d=" + ",".join(map(str, s)))
 
 if __name__ == "__main__":
     main()

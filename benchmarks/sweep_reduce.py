@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import time
 
 import torch
-import triton.testing
 
-from benchmarks import run_info
+from benchmarks import sweep
+from benchmarks.sweep import graph_ms, relative_error
 from benchmarks.sweep_attention import RESOLUTIONS
 from sra_kernels.cost import model_stages
 from sra_kernels.ops import spatial_reduce as sr_ops
@@ -29,10 +27,6 @@ from sra_kernels.ops import spatial_reduce as sr_ops
 CHOICES = {"BLOCK_M": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3)}
 PASS_TILE = {"fwd": 16384, "bwd": 4096}
 """The ``tile`` argument with which each pass asks ``_row_config`` for its row kernel."""
-
-
-def _time(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
 def sweep_shape(shape, write) -> None:
@@ -54,7 +48,7 @@ def sweep_shape(shape, write) -> None:
     for name, fn in passes.items():
         want = fn()
         base = original(C, 2, PASS_TILE[name])
-        write(dict(key, pass_=name, config=base, heuristic=True, ms=_time(fn)))
+        write(dict(key, pass_=name, config=base, heuristic=True, ms=graph_ms(fn)))
         for values in itertools.product(*CHOICES.values()):
             config = dict(base, **dict(zip(CHOICES, values)))
             if config == base:
@@ -62,10 +56,8 @@ def sweep_shape(shape, write) -> None:
             sr_ops._row_config = (lambda c, e, tile, config=config, tile_of_pass=PASS_TILE[name]:
                                   config if tile == tile_of_pass else original(c, e, tile))
             try:
-                got = fn()
-                error = max(((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item()
-                            for g, w in zip(got, want) if g.numel())
-                write(dict(key, pass_=name, config=config, ms=_time(fn), rel_error_vs_heuristic=error))
+                error = relative_error(fn(), want)
+                write(dict(key, pass_=name, config=config, ms=graph_ms(fn), rel_error_vs_heuristic=error))
             except Exception as exc:  # noqa: BLE001 - a config that fails to compile is a result too
                 write(dict(key, pass_=name, config=config, error=repr(exc)[:300]))
             finally:
@@ -77,23 +69,10 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--budget-s", type=float, default=60.0)
     args = parser.parse_args()
-    start = time.monotonic()
     shapes = [s for size, batch in RESOLUTIONS.items() for s in model_stages("pvt_v2_b2", size, batch)
               if s.sr_ratio > 1]
-    with open(args.out, "a") as out:
-        def write(row):
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-
-        write({"run_info": run_info()})
-        for shape in shapes:
-            if time.monotonic() - start > args.budget_s:
-                write({"skipped_shape": shape.label, "reason": f"--budget-s {args.budget_s} spent"})
-                continue
-            sweep_shape(shape, write)
-            print(f"swept {shape.label} B{shape.batch} C{shape.channels} at {time.monotonic() - start:.0f} s",
-                  flush=True)
-
+    sweep.run(args.out, shapes, sweep_shape, args.budget_s,
+              label=lambda s: f"{s.label} B{s.batch} C{s.channels}")
 
 if __name__ == "__main__":
     main()

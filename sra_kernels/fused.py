@@ -109,12 +109,11 @@ def _sra_attention_projected(
     q projection + attention + out projection in one kernel."""
     B, N, C = x.shape
     head_dim = C // num_heads
-    x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias = _autocast_inputs(
-        x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias)
+    x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, *optional = _autocast_inputs(
+        x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight, norm_bias)
     q_bias, kv_bias, proj_bias = (x.new_zeros(n) if bias is None else bias
                                   for n, bias in ((C, q_bias), (2 * C, kv_bias), (C, proj_bias)))
     if linear or sr_ratio > 1:  # the kv projection in the reduction kernel's epilogue
-        sr_weight, *optional = _autocast_inputs(x, sr_weight, sr_bias, norm_weight, norm_bias)[1:]
         kv = reduce_project_kv(x, *size, sr_weight, *_filled(C, x, *optional), kv_weight, kv_bias, sr_ratio, linear,
                                eps)[0]
     else:
