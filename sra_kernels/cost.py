@@ -46,7 +46,12 @@ Bytes (HBM traffic)
       C <= 128, fp16/bf16): the kv projection in the reduction kernel's epilogue, q and out projections
       inside the attention kernel, so in inference x is read once for the queries and the output
       written once; training also writes q, o and the log-sum-exp, and its backward is step 1's
-      except that autograd sums the two dx.
+      except that autograd sums the two dx. With sr = 1 over at most 64 tokens, k and v are projected
+      inside that kernel too (one launch; the backward recomputes them with a GEMM).
+      Saving q and o rather than recomputing them is the cheaper choice while the backward is step 1's
+      kernels: recomputing q by a GEMM reads x and writes q (2 (B, N, C) passes) where saving it costs
+      one write in the forward; both then read q in the attention backward. o cannot be recomputed
+      short of a second attention forward.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops.projected_attention import keys_from_x_fit
 from .reference import LINEAR_POOL_SIZE
 
 MODES = ("forward", "backward", "forward+backward")
@@ -417,25 +423,37 @@ def _triton_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
 def _projected_forward_ops(shape: SRAShape, dtype: torch.dtype, training: bool) -> list[Op]:
     """The fused-projection path's forward (``SRA_KERNELS_FUSE_PROJECTIONS=1``): the reduction with the kv
     projection in its epilogue (reads W_kv, b_kv, writes kv too; a kv GEMM when sr = 1), then one kernel
-    that reads x, k, v and the q / proj weights and writes the output (+ q, o and lse in training)."""
+    that reads x, k, v and the q / proj weights and writes the output (+ q, o and lse in training). sr = 1
+    over <= 64 tokens: that one kernel projects k and v from its x tile (reads W_kv, b_kv instead of k, v)."""
     B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
     e, x, reduced, _ = _sizes(shape, dtype)
     kv = _gemm_forward(B * M, C, 2 * C, e)
+    saved = 2 * x * e + _lse_bytes(shape) if training else 0
+    flops = 2 * (2 * B * N * C * C) + 4 * B * N * M * C
+    if _projects_keys_in_kernel(shape):
+        return [("projected_self_attention", "triton",
+                 Cost(flops + kv.flops, (x + 4 * (C * C + C)) * e, x * e + saved))]
     if shape.reduces:
         *ops, (name, kind, reduce) = _reduction_forward_ops(shape, dtype)
         ops += [(name, kind, reduce + Cost(kv.flops, (2 * C * C + 2 * C) * e, kv.bytes_written))]
     else:
         ops = [("kv", "gemm", kv)]
-    saved = 2 * x * e + _lse_bytes(shape) if training else 0
-    flops = 2 * (2 * B * N * C * C) + 4 * B * N * M * C
     return ops + [("projected_attention", "triton",
                    Cost(flops, (x + 2 * reduced + 2 * (C * C + C)) * e, x * e + saved))]
 
 
+def _projects_keys_in_kernel(shape: SRAShape) -> bool:
+    """sr = 1 over <= 64 tokens: one block holds queries and keys."""
+    return not shape.reduces and keys_from_x_fit(shape.tokens)
+
+
 def _projected_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
-    """The fused-projection path's backward: the step-1 kernels, the reduction's dx summed by autograd."""
+    """The fused-projection path's backward: the step-1 kernels, the reduction's dx summed by autograd; the
+    one-kernel sr = 1 path first recomputes k, v with a GEMM (it saved neither)."""
+    B, M, C = shape.batch, shape.reduced_tokens, shape.channels
     e, x, _, _ = _sizes(shape, dtype)
-    return (_projection_and_attention_backward_ops(shape, dtype) + _reduction_backward_ops(shape, dtype, False)
+    ops = [("kv_recompute", "gemm", _gemm_forward(B * M, C, 2 * C, e))] if _projects_keys_in_kernel(shape) else []
+    return (ops + _projection_and_attention_backward_ops(shape, dtype) + _reduction_backward_ops(shape, dtype, False)
             + [("dx_sum", "torch", _pointwise(2 * x, x, e))])
 
 

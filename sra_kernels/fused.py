@@ -9,7 +9,9 @@ Steps 2/3, opt-in with ``SRA_KERNELS_FUSE_PROJECTIONS=1`` until GPU measurements
 C <= 128 the q projection and the out projection run inside the attention kernel
 (``projected_attention``), and the kv projection runs in the reduction kernel's epilogue
 (``reduce_project_kv``): x is read once for the queries and the output written once, with no q,
-pre-projection output or reduced tokens crossing HBM in inference: two launches when reducing.
+pre-projection output or reduced tokens crossing HBM in inference: two launches when reducing. With
+sr = 1 and at most 64 tokens, k and v are projected inside the attention kernel too (one launch);
+longer sr = 1 inputs take a kv GEMM first.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import torch.nn.functional as F
 from .library import (
     project_and_reduce,
     projected_attention,
+    projected_self_attention,
     reduce_project_kv,
     reduced_kv_attention,
     spatial_reduce,
 )
-from .ops.projected_attention import applies as projected_attention_applies
+from .ops.projected_attention import applies as projected_attention_applies, keys_from_x_fit
 
 FUSE_PROJECTIONS_ENV_VAR = "SRA_KERNELS_FUSE_PROJECTIONS"
 """Set to 1 to run the q and out projections inside the attention kernel where C <= 128."""
@@ -105,21 +108,31 @@ def _sra_attention_projected(
     x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
     sr_weight, sr_bias, norm_weight, norm_bias, *, num_heads, sr_ratio, linear, eps, scale,
 ) -> torch.Tensor:
-    """Steps 2/3: the reduction kernel with the kv projection in its epilogue (kv by cuBLAS when sr = 1), then
-    q projection + attention + out projection in one kernel."""
+    """Steps 2/3: the reduction kernel with the kv projection in its epilogue, then q projection + attention +
+    out projection in one kernel. sr = 1: one kernel for <= 64 tokens (k, v projected in it too), else a kv
+    GEMM and that kernel."""
     B, N, C = x.shape
     head_dim = C // num_heads
     x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, *optional = _autocast_inputs(
         x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight, norm_bias)
     q_bias, kv_bias, proj_bias = (x.new_zeros(n) if bias is None else bias
                                   for n, bias in ((C, q_bias), (2 * C, kv_bias), (C, proj_bias)))
-    if linear or sr_ratio > 1:  # the kv projection in the reduction kernel's epilogue
+    scale = head_dim ** -0.5 if scale is None else scale
+    reduces = linear or sr_ratio > 1
+    if not reduces and keys_from_x_fit(N):  # the whole SRA in one kernel
+        save = _needs_grad(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias)
+        return projected_self_attention(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, num_heads,
+                                        scale, save)[0]
+    if reduces:  # the kv projection in the reduction kernel's epilogue
         kv = reduce_project_kv(x, *size, sr_weight, *_filled(C, x, *optional), kv_weight, kv_bias, sr_ratio, linear,
                                eps)[0]
     else:
         kv = F.linear(x, kv_weight, kv_bias)
     kv = kv.view(B, kv.shape[1], 2, num_heads, head_dim)
-    inputs = (x, q_weight, q_bias, kv, proj_weight, proj_bias)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    scale = head_dim ** -0.5 if scale is None else scale
+    save = _needs_grad(x, q_weight, q_bias, kv, proj_weight, proj_bias)
     return projected_attention(x, q_weight, q_bias, kv[:, :, 0], kv[:, :, 1], proj_weight, proj_bias, scale, save)[0]
+
+
+def _needs_grad(*inputs) -> bool:
+    """Whether autograd will differentiate a projected op on these inputs (then it saves q, o and lse)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

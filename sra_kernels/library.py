@@ -9,7 +9,12 @@ Custom ops in the ``sra_kernels`` namespace, each with a fake (meta) implementat
 * ``project_and_reduce`` / ``project_and_reduce_backward`` -- the same plus the q projection, the two
   consumers of x in SRA: the backward adds the reduction's dx into the q path's dx in the pass that
   writes it, instead of autograd summing two full (B, N, C) gradients;
-* ``reduced_kv_attention`` / ``reduced_kv_attention_backward`` -- short-KV FlashAttention.
+* ``reduced_kv_attention`` / ``reduced_kv_attention_backward`` -- short-KV FlashAttention;
+* fusion steps 2/3 (``SRA_KERNELS_FUSE_PROJECTIONS=1``, :mod:`.fused`): ``reduce_project_kv`` (the
+  reduction with the kv projection in its epilogue), ``projected_attention`` (q projection, attention
+  and out projection in one kernel) and ``projected_self_attention`` (the same with k, v projected in
+  the kernel too: the whole sr = 1 SRA over <= 64 tokens); their backwards are cuBLAS GEMMs around the
+  reduction and attention backward ops.
 
 The forward ops carry autograd (``register_autograd``) whose backward calls the backward op.
 """
@@ -28,7 +33,7 @@ from torch.utils.flop_counter import (
 )
 
 from .ops.attention import attention_backward, attention_forward
-from .ops.projected_attention import projected_attention_forward
+from .ops.projected_attention import projected_attention_forward, projected_self_attention_forward
 from .ops.spatial_reduce import (
     reduce_and_project_kv,
     reduced_size,
@@ -408,19 +413,23 @@ def _projected_attention_setup_context(ctx, inputs, output):
 def _projected_attention_backward(ctx, grad_out, *_unused_grads):
     """The step-1 backward on the saved q, o and lse: cuBLAS for the projections, our attention backward."""
     x, q_weight, k, v, proj_weight, q, o, lse = ctx.saved_tensors
+    dq, dk, dv, d_proj_weight, d_proj_bias = _projected_backward(grad_out, x, k, v, proj_weight, q, o, lse, ctx.scale)
+    dx = (dq @ q_weight).view(x.shape)
+    return dx, dq.T @ x.reshape(-1, x.shape[-1]), dq.sum(0), dk, dv, d_proj_weight, d_proj_bias, None, None
+
+
+def _projected_backward(grad_out, x, k, v, proj_weight, q, o, lse, scale):
+    """Shared by both projected ops: (dq (B*N, C), dk, dv (B, M, h, d), dW_proj, db_proj) from dOut (B, N, C)."""
     B, N, C = x.shape
     heads, head_dim = k.shape[2], k.shape[3]
     if q.numel() != x.numel():
-        raise RuntimeError("projected_attention ran with save=False, so it cannot be differentiated")
+        raise RuntimeError("the projected attention ran with save=False, so it cannot be differentiated")
     grad_out = grad_out.reshape(-1, C)
     do = (grad_out @ proj_weight).view(B, N, heads, head_dim)
     dq, dk, dv = _run(reduced_kv_attention_backward_op, _reduced_kv_attention_backward_impl,
-                      do, q.view(B, N, heads, head_dim), k, v, o.view(B, N, heads, head_dim), lse, ctx.scale,
+                      do, q.view(B, N, heads, head_dim), k, v, o.view(B, N, heads, head_dim), lse, scale,
                       _deterministic())
-    dq = dq.reshape(-1, C)
-    dx = (dq @ q_weight).view(B, N, C)
-    return (dx, dq.T @ x.reshape(-1, C), dq.sum(0), dk, dv, grad_out.T @ o.reshape(-1, C), grad_out.sum(0),
-            None, None)
+    return dq.reshape(-1, C), dk, dv, grad_out.T @ o.reshape(-1, C), grad_out.sum(0)
 
 
 projected_attention_op.register_autograd(_projected_attention_backward,
@@ -434,3 +443,62 @@ def _(x_shape, q_weight_shape, q_bias_shape, k_shape, v_shape, *args, out_shape=
     B, N, C = x_shape
     return 2 * (2 * B * N * C * C) + sdpa_flop_count((B, k_shape[2], N, k_shape[3]), _to_bhsd(k_shape),
                                                      _to_bhsd(v_shape))
+
+
+# --------------------------------------------------------------------------- projected self attention (sr = 1)
+def _projected_self_attention_impl(
+    x: Tensor, q_weight: Tensor, q_bias: Tensor, kv_weight: Tensor, kv_bias: Tensor, proj_weight: Tensor,
+    proj_bias: Tensor, heads: int, scale: float, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (B, N, C), N <= 64 -> as ``projected_attention``, with k, v = x W_kv^T + b_kv projected in the kernel:
+    the whole sr = 1 SRA in one launch."""
+    return projected_self_attention_forward(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, heads,
+                                            scale, save)
+
+
+projected_self_attention_op = torch.library.custom_op("sra_kernels::projected_self_attention", mutates_args=())(
+    _projected_self_attention_impl)
+
+
+@projected_self_attention_op.register_fake
+def _(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, heads, scale, save):
+    B, N, C = x.shape
+    saved = (B, N, C) if save else (0,)
+    lse = x.new_empty((B, heads, N) if save else (0,), dtype=torch.float32)
+    return x.new_empty((B, N, C)), x.new_empty(saved), x.new_empty(saved), lse
+
+
+def _projected_self_attention_setup_context(ctx, inputs, output):
+    x, q_weight, _, kv_weight, kv_bias, proj_weight, _, heads, scale, _ = inputs
+    _, q, o, lse = output
+    ctx.save_for_backward(x, q_weight, kv_weight, kv_bias, proj_weight, q, o, lse)
+    ctx.heads, ctx.scale = heads, scale
+    ctx.mark_non_differentiable(q, o, lse)
+
+
+def _projected_self_attention_backward(ctx, grad_out, *_unused_grads):
+    """As ``projected_attention``'s, on k, v recomputed by one cuBLAS GEMM (N <= 64 rows: cheaper than saving)."""
+    x, q_weight, kv_weight, kv_bias, proj_weight, q, o, lse = ctx.saved_tensors
+    B, N, C = x.shape
+    x2d = x.reshape(-1, C)
+    kv = F.linear(x2d, kv_weight, kv_bias).view(B, N, 2, ctx.heads, C // ctx.heads)
+    dq, dk, dv, d_proj_weight, d_proj_bias = _projected_backward(grad_out, x, kv[:, :, 0], kv[:, :, 1], proj_weight,
+                                                                 q, o, lse, ctx.scale)
+    dkv = torch.cat((dk.reshape(-1, C), dv.reshape(-1, C)), 1)
+    dx = torch.addmm(dq @ q_weight, dkv, kv_weight).view(B, N, C)
+    return (dx, dq.T @ x2d, dq.sum(0), dkv.T @ x2d, dkv.sum(0), d_proj_weight, d_proj_bias, None, None, None)
+
+
+projected_self_attention_op.register_autograd(_projected_self_attention_backward,
+                                              setup_context=_projected_self_attention_setup_context)
+projected_self_attention = _entry_point(projected_self_attention_op, _projected_self_attention_impl,
+                                        _projected_self_attention_setup_context, _projected_self_attention_backward)
+
+
+@register_flop_formula(torch.ops.sra_kernels.projected_self_attention)
+def _(x_shape, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape, proj_weight_shape, proj_bias_shape,
+      heads, *args, out_shape=None, **kwargs) -> int:
+    B, N, C = x_shape
+    qkv = (B, heads, N, C // heads)
+    return 2 * B * N * C * (C + 2 * C + C) + sdpa_flop_count(qkv, qkv, qkv)
+

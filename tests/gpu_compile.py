@@ -74,6 +74,8 @@ CASES = dict(
         ((2, 16384, 256, 64, 1, False), WIDE),  # stage 1 at 512 px, inference: keys looped
         ((2, 784, 49, 128, 2, True), WIDE),  # the widest x it takes
         ((2, 196, 49, 40, 5, False), WIDE),  # head_dim 8, C not a power of two
+        ((2, 49, 49, 128, 2, True), WIDE),  # M = N: self attention, k and v projected in the kernel too (16-bit)
+        ((2, 64, 64, 64, 1, False), ALL),  # the same, every dtype
     ),
 )
 FULL_CASES = dict(
@@ -83,7 +85,7 @@ FULL_CASES = dict(
     + tuple(((2, hw, hw, c, 1, True), ALL) for hw, c in ((56, 64), (28, 128), (14, 320), (7, 512))),
     attention=tuple(((2, n, m, h, d, det), ALL) for n, m in ((3136, 49), (16384, 256), (4096, 1024))
                     for h, d in ((1, 32), (1, 64), (8, 40), (4, 128)) for det in (True, False)),
-    projected=tuple(((2, n, m, c, h, save), ALL) for n, m in ((3136, 49), (16384, 256))
+    projected=tuple(((2, n, m, c, h, save), ALL) for n, m in ((3136, 49), (16384, 256), (49, 49), (64, 64))
                     for c, h in ((32, 1), (64, 1), (128, 2), (40, 5)) for save in (True, False)),
 )
 
@@ -192,13 +194,22 @@ def _run_attention(B, N, M, h, d, deterministic, dtype) -> str:
 
 
 def _run_projected(B, N, M, C, h, save, dtype) -> str:
-    """projected_attention_forward on meta tensors (k, v halves of a (B, M, 2, h, d) projection); the case label."""
-    from sra_kernels.ops.projected_attention import projected_attention_forward
+    """projected_attention_forward on meta tensors (k, v halves of a (B, M, 2, h, d) projection), or with M = N
+    projected_self_attention_forward (k, v projected in the kernel) where it takes C; the case label."""
+    from sra_kernels.ops.projected_attention import (
+        projected_attention_forward,
+        projected_self_attention_forward,
+        self_attention_max_channels,
+    )
 
     meta = dict(device="meta", dtype=dtype)
     x, weight, bias = torch.empty(B, N, C, **meta), torch.empty(C, C, **meta), torch.empty(C, **meta)
-    kv = torch.empty(B, M, 2, h, C // h, **meta)
-    projected_attention_forward(x, weight, bias, kv[:, :, 0], kv[:, :, 1], weight, bias, (C // h) ** -0.5, save)
+    if M == N and C <= self_attention_max_channels(dtype):
+        kv_weight, kv_bias = torch.empty(2 * C, C, **meta), torch.empty(2 * C, **meta)
+        projected_self_attention_forward(x, weight, bias, kv_weight, kv_bias, weight, bias, h, (C // h) ** -0.5, save)
+    else:
+        kv = torch.empty(B, M, 2, h, C // h, **meta)
+        projected_attention_forward(x, weight, bias, kv[:, :, 0], kv[:, :, 1], weight, bias, (C // h) ** -0.5, save)
     return f"projected B{B} N{N} M{M} C{C} h{h} " + ("save" if save else "infer")
 
 

@@ -181,6 +181,20 @@ def test_triton_path_bytes_by_hand():
     assert [name for name, _, _ in cost.projected_ops] == ["conv_weight_layout", "reduce", "projected_attention"]
 
 
+def test_one_kernel_self_attention_bytes_by_hand():
+    """sr = 1 over 7x7 = 49 <= 64 tokens, B=2, C=32, bf16: the fused-projection path is one kernel that reads
+    x (3136) and the q, kv and proj weights + biases (4 x 1056) and writes the output (3136); training's
+    backward first recomputes k, v by a GEMM. 9x8 = 72 tokens take the kv GEMM first."""
+    shape = SRAShape(2, 7, 7, 32, 2)
+    cost = sra_attention_cost(shape, torch.bfloat16, "forward")
+    assert cost.projected == Cost(cost.unfused.flops, (3136 + 4224) * 2, 3136 * 2)
+    assert [name for name, _, _ in cost.projected_ops] == ["projected_self_attention"]
+    training = sra_attention_cost(shape, torch.bfloat16, "forward+backward").projected_ops
+    assert [name for name, _, _ in training][:3] == ["projected_self_attention", "kv_recompute", "proj_bwd"]
+    longer = sra_attention_cost(SRAShape(2, 9, 8, 32, 2), torch.bfloat16, "forward").projected_ops
+    assert [name for name, _, _ in longer] == ["kv", "projected_attention"]
+
+
 @pytest.mark.parametrize("model", ["pvt_v2_b2", "pvt_small"])
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_path_lies_between_the_floor_and_eager(model, mode):

@@ -69,7 +69,7 @@ def test_forward_and_gradients_match_reference(B, H, W, C, heads, sr, linear, dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,H,W,C,heads,sr,linear", CASES)
+@pytest.mark.parametrize("B,H,W,C,heads,sr,linear", CASES + [(1, 9, 8, 32, 2, 1, False)])  # sr = 1: N <= 64, N > 64
 def test_projected_path_matches_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device, monkeypatch):
     """SRA_KERNELS_FUSE_PROJECTIONS=1: q and out projections inside the attention kernel (C <= 128, 16-bit)."""
     from sra_kernels import library
@@ -79,10 +79,13 @@ def test_projected_path_matches_reference(B, H, W, C, heads, sr, linear, dtype, 
         pytest.skip("fp16 on the interpreter: bf16 covers the path there")
     monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
     launches = []
-    forward = library.projected_attention_forward
-    monkeypatch.setattr(library, "projected_attention_forward", lambda *a: launches.append(a[-1]) or forward(*a))
+    for name in ("projected_attention_forward", "projected_self_attention_forward"):
+        forward = getattr(library, name)
+        monkeypatch.setattr(library, name, lambda *a, _f=forward, _n=name: launches.append((_n, a[-1])) or _f(*a))
     _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device)
-    assert launches and all(launches)  # ran, saving q / o / lse for the backward
+    one_launch = not linear and sr == 1 and H * W <= 64  # k, v projected inside the kernel too
+    kernel = "projected_self_attention_forward" if one_launch else "projected_attention_forward"
+    assert launches and all(launch == (kernel, True) for launch in launches)  # saving q / o / lse for the backward
 
 
 @pytest.fixture
@@ -161,6 +164,15 @@ def test_opcheck_projected_attention(save, kernel_device):
     torch.library.opcheck(torch.ops.sra_kernels.projected_attention.default, args)
 
 
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_projected_self_attention(save, kernel_device):
+    C, heads = 32, 2
+    x, weights = _problem(2, 6, 5, C, 1, False, kernel_device, torch.float32)
+    args = (x, *weights[:6], heads, 0.25, save)
+    args = tuple(a.requires_grad_(save) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.sra_kernels.projected_self_attention.default, args)
+
+
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1)])
 def test_opcheck_reduce_project_kv(linear, sr, kernel_device):
     C = 32
@@ -170,9 +182,10 @@ def test_opcheck_reduce_project_kv(linear, sr, kernel_device):
     torch.library.opcheck(torch.ops.sra_kernels.reduce_project_kv.default, args)
 
 
-@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
-def test_compile_projected_path_fullgraph(linear, sr, kernel_device, monkeypatch):
-    """The fused-projection path traces as one graph too, gradients included (bf16 weights and input)."""
+@pytest.mark.parametrize("linear,sr,H,W", [(False, 2, 8, 10), (True, 1, 8, 10), (False, 1, 8, 10), (False, 1, 7, 7)])
+def test_compile_projected_path_fullgraph(linear, sr, H, W, kernel_device, monkeypatch):
+    """The fused-projection path traces as one graph too, gradients included (bf16 weights and input);
+    7x7 with sr = 1 is the one-kernel path."""
     from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
 
     monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
@@ -180,27 +193,32 @@ def test_compile_projected_path_fullgraph(linear, sr, kernel_device, monkeypatch
     module = module.to(kernel_device, torch.bfloat16)
     backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
     compiled = torch.compile(module, fullgraph=True, backend=backend)
-    x = torch.randn(2, 8 * 10, 32, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
-    out = compiled(x, 8, 10)
-    eager = module(x, 8, 10)
+    x = torch.randn(2, H * W, 32, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    out = compiled(x, H, W)
+    eager = module(x, H, W)
     torch.testing.assert_close(out, eager)
     (gx,) = torch.autograd.grad(out.float().sum(), x)
     (ex,) = torch.autograd.grad(eager.float().sum(), x)
     torch.testing.assert_close(gx, ex)
 
 
+@pytest.mark.parametrize("fuse_projections", [False, True])
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
-def test_eager_fast_path_matches_registered_ops(linear, sr, kernel_device, monkeypatch):
-    """Eager calls skip the dispatcher (library._eager); forcing the registered ops gives identical bits."""
+def test_eager_fast_path_matches_registered_ops(linear, sr, fuse_projections, kernel_device, monkeypatch):
+    """Eager calls skip the dispatcher (library._eager); forcing the registered ops gives identical bits
+    (step 1 in fp32; the fused-projection path in bf16, one kernel when sr = 1 over 30 tokens)."""
     from sra_kernels import library
+    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
 
+    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1" if fuse_projections else "0")
+    dtype = torch.bfloat16 if fuse_projections else torch.float32
     B, H, W, C, heads = 2, 6, 5, 32, 2
     x, weights = _problem(B, H, W, C, sr, linear, kernel_device, torch.float32)
     grad = torch.randn(B, H * W, C, device=kernel_device)
     assert library._eager(x)
-    fast = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", torch.float32)
+    fast = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", dtype)
     monkeypatch.setattr(library, "_eager", lambda x: False)
-    registered = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", torch.float32)
+    registered = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", dtype)
     for a, b in zip(fast, registered):
         assert torch.equal(a, b)
 
@@ -363,16 +381,23 @@ def test_forward_launches_are_the_cost_models_ops(linear, sr, kernel_device, mon
 
 
 
-@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
-def test_projected_forward_launches(linear, sr, kernel_device, monkeypatch):
-    """With the projections fused, an inference forward is the reduction kernel with the kv projection in
-    its epilogue (after the pool kernel in linear mode) and the projected-attention kernel; with sr = 1 a
-    kv GEMM and that kernel. No biases: zeros stand in."""
+PROJECTED_KERNELS = {"pool": "_adaptive_pool_kernel", "reduce": "_reduce_norm_fwd_kernel",
+                     "projected_attention": "_projected_fwd_kernel", "projected_self_attention": "_projected_fwd_kernel"}
+"""cost.py's fused-projection-path op name -> the Triton kernel that op launches."""
+
+
+@pytest.mark.parametrize("linear,sr,H,W", [(False, 2, 9, 8), (True, 1, 9, 8), (False, 1, 9, 8), (False, 1, 7, 7)])
+def test_projected_forward_launches(linear, sr, H, W, kernel_device, monkeypatch):
+    """With the projections fused, an inference forward launches exactly the kernels and GEMMs of the cost
+    model's projected path: the reduction kernel with the kv projection in its epilogue (after the pool
+    kernel in linear mode) and the projected-attention kernel; with sr = 1 a kv GEMM and that kernel, or
+    that kernel alone over <= 64 tokens. No biases: zeros stand in."""
+    from sra_kernels.cost import SRAShape, sra_attention_cost
     from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
     from sra_kernels.ops import projected_attention
 
     monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
-    B, H, W, C, heads = 2, 9, 8, 32, 2
+    B, C, heads = 2, 32, 2
     launches, gemms = [], []
     kernel_class = type(projected_attention._projected_fwd_kernel)
     run = kernel_class.run
@@ -384,9 +409,10 @@ def test_projected_forward_launches(linear, sr, kernel_device, monkeypatch):
     x = torch.randn(B, H * W, C, device=kernel_device, dtype=torch.bfloat16)
     with torch.no_grad():
         out = module(x, H, W)
-    reduction = ["_adaptive_pool_kernel"] * linear + ["_reduce_norm_fwd_kernel"] * (linear or sr > 1)
-    assert sorted(launches) == sorted(reduction + ["_projected_fwd_kernel"])
-    assert gemms == ([] if linear or sr > 1 else [(2 * C, C)])
+    ops = sra_attention_cost(SRAShape(B, H, W, C, heads, sr, linear), torch.bfloat16, "forward").projected_ops
+    assert sorted(launches) == sorted(PROJECTED_KERNELS[name] for name, kind, _ in ops if kind == "triton")
+    assert len(gemms) == sum(kind == "gemm" for _, kind, _ in ops)
+    assert gemms == ([(2 * C, C)] if (linear, sr, H * W) == (False, 1, 72) else [])
     module.backend = "sdpa"
     with torch.no_grad():
         want = module(x, H, W)

@@ -66,6 +66,15 @@ def _softmax_step(q, k, v, key_valid, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def _attend_one_key_block(q, k, v, key_valid, qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Softmax of q (BN, BD) over the keys k, v (BM, BD) of one block: (m_i, l_i, acc) as below."""
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    return _softmax_step(q, k, v, key_valid, m_i, l_i, acc, qk_scale)
+
+
+@triton.jit
 def _attend_key_blocks(q, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax of q (BN, BD) over all M keys, one key block (keys = arange(BLOCK_M)) at a time.
@@ -167,10 +176,7 @@ def _fwd_kernel(
         rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
         q = _load_tile(q_base, rows, cols, sq_n, sq_d, N, D, UPCAST)
         if SINGLE_KV:
-            m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            m_i, l_i, acc = _softmax_step(q, k, v, keys < M, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = _attend_one_key_block(q, k, v, keys < M, qk_scale, BLOCK_N, BLOCK_D)
         else:
             m_i, l_i, acc = _attend_key_blocks(q, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
                                                BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)

@@ -4,7 +4,9 @@ One program holds a block of query tokens with all their channels (C <= 128): it
 once, computes each head's q = x W_q^T + b_q on chip, runs the short-KV online softmax against that
 head's k, v (B, M, h, d) (column slices, read in place), multiplies the head's output by its slice
 of W_proj and accumulates, then adds b_proj and writes out (B, N, C). q and the attention output are
-rounded to x's dtype on chip, as the unfused path rounds its Linear outputs. When gradients are
+rounded to x's dtype on chip, as the unfused path rounds its Linear outputs. For self attention
+(sr = 1) over at most 64 tokens, one block holds the whole image, and k, v = x W_kv^T + b_kv are
+projected from the same x tile: the whole SRA is this one launch. When gradients are
 needed it also writes q and o (B, N, C) and the log-sum-exp (B, h, N) fp32, and the backward is the
 step-1 attention backward plus cuBLAS projections (:mod:`sra_kernels.library`).
 """
@@ -18,12 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LN2, LOG2E, _attend_key_blocks, _load_tile, _num_sms, _store_tile
+from .attention import LN2, LOG2E, _attend_key_blocks, _attend_one_key_block, _load_tile, _num_sms, _store_tile
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
 
 MAX_CHANNELS = 128
 """Widest x this kernel takes: one program keeps a (BLOCK_N, C) block of x and of the output on chip."""
+MAX_SELF_ATTENTION_TOKENS = 64
+"""Longest x whose self attention (sr = 1) projects k and v inside the kernel: one block of queries and keys."""
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FAST_DTYPES = (torch.float16, torch.bfloat16)
 """Where the fused path pays: fp32 dots run on FMA units and these tiles spill (tests/gpu_compile.py)."""
@@ -33,17 +37,31 @@ _empty = torch.empty
 
 
 @triton.jit
+def _project_rows(x, W, BIAS, cols, channels, C, D, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x (R, BC) W[cols]^T + BIAS[cols] -> (R, BD), rounded to ``dtype`` as a Linear's output; W (D.., C)
+    row-major starting at the head's first row."""
+    w = _load_tile(W, cols, channels, C, 1, D, C, UPCAST)
+    bias = tl.load(BIAS + cols, mask=cols < D, other=0.0).to(tl.float32)
+    y = rounded_cast(tl.dot(x, tl.trans(w), input_precision="ieee") + bias[None, :], dtype)
+    if UPCAST:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
 def _projected_fwd_kernel(
-    X, WQ, BQ, K, V, WP, BP, OUT, Q, O, LSE,
+    X, WQ, BQ, K, V, WKV, BKV, WP, BP, OUT, Q, O, LSE,
     sx_b, sx_n, sx_c, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
     N, M, C, D, qk_scale,
     H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    SAVE: tl.constexpr, UPCAST: tl.constexpr,
+    KV_FROM_X: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Grid (B, P): program (b, p) handles query blocks p, p + P, ... of image b, every head.
 
-    WQ, WP (C, C) and BQ, BP (C,) contiguous. Writes OUT (B, N, C); with SAVE also Q and O (B, N, C) and
-    LSE (B, H, N), all contiguous.
+    WQ, WP (C, C) and BQ, BP (C,) contiguous. Keys: K, V (B, M, H, D) strided, or with KV_FROM_X (self
+    attention, N <= BLOCK_N = BLOCK_M: one block holds the image) projected from the x tile itself by
+    WKV (2C, C) and BKV (2C,) contiguous (K then V). Writes OUT (B, N, C); with SAVE also Q and O
+    (B, N, C) and LSE (B, H, N), all contiguous.
     """
     b = tl.program_id(0).to(tl.int64)
     channels = tl.arange(0, BLOCK_C)
@@ -55,14 +73,15 @@ def _projected_fwd_kernel(
         x = _load_tile(X + b * sx_b, rows, channels, sx_n, sx_c, N, C, UPCAST)
         out = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         for hh in range(H):
-            w_q = _load_tile(WQ + hh * D * C, cols, channels, C, 1, D, C, UPCAST)  # rows hh*D + d of W_q
-            b_q = tl.load(BQ + hh * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-            q = rounded_cast(tl.dot(x, tl.trans(w_q), input_precision="ieee") + b_q[None, :], dtype)
-            if UPCAST:
-                q = q.to(tl.float32)
-            m_i, l_i, acc = _attend_key_blocks(q, K + b * sk_b + hh * sk_h, sk_m, sk_d, V + b * sv_b + hh * sv_h,
-                                               sv_m, sv_d, keys, cols, M, D, qk_scale,
-                                               BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
+            q = _project_rows(x, WQ + hh * D * C, BQ + hh * D, cols, channels, C, D, dtype, UPCAST)
+            if KV_FROM_X:
+                k = _project_rows(x, WKV + hh * D * C, BKV + hh * D, cols, channels, C, D, dtype, UPCAST)
+                v = _project_rows(x, WKV + (C + hh * D) * C, BKV + C + hh * D, cols, channels, C, D, dtype, UPCAST)
+                m_i, l_i, acc = _attend_one_key_block(q, k, v, rows < N, qk_scale, BLOCK_N, BLOCK_D)
+            else:
+                m_i, l_i, acc = _attend_key_blocks(q, K + b * sk_b + hh * sk_h, sk_m, sk_d, V + b * sv_b + hh * sv_h,
+                                                   sv_m, sv_d, keys, cols, M, D, qk_scale,
+                                                   BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
             o = rounded_cast(acc / l_i[:, None], dtype)
             if UPCAST:
                 o = o.to(tl.float32)
@@ -87,21 +106,33 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(B: int, N: int, M: int, C: int, d: int, device: torch.device) -> _Plan:
+def _plan(B: int, N: int, M: int, C: int, d: int, kv_from_x: bool, device: torch.device) -> _Plan:
     """64 query rows with all C <= 128 channels per program; keys in blocks of up to 64; a few programs per SM.
+    Self attention from x (``kv_from_x``, N <= 64): one block of next_power_of_2(N) rows is queries and keys.
 
     Not yet tuned on a GPU (see benchmarks/results): sized to stay within the registers of 4 / 8 warps.
     """
     block_c = max(16, next_power_of_2(C))
-    block_n = 64
+    block_n = max(16, next_power_of_2(N)) if kv_from_x else 64
+    block_m = block_n if kv_from_x else max(16, min(64, next_power_of_2(M)))
     num_programs = max(1, min(cdiv(N, block_n), cdiv(4 * _num_sms(device), B)))
-    return _Plan(block_n, max(16, min(64, next_power_of_2(M))), max(16, next_power_of_2(d)), block_c,
-                 num_programs, 4 if block_c <= 64 else 8)
+    return _Plan(block_n, block_m, max(16, next_power_of_2(d)), block_c, num_programs, 4 if block_c <= 64 else 8)
 
 
 def applies(channels: int, dtype: torch.dtype) -> bool:
     """Whether the backend should take the fused path for x of this width and dtype (16-bit, C <= 128)."""
     return channels <= MAX_CHANNELS and dtype in FAST_DTYPES
+
+
+def keys_from_x_fit(tokens: int) -> bool:
+    """Whether self attention over ``tokens`` (sr = 1) runs as one launch, k and v projected in the kernel:
+    when one block holds every token, so no program recomputes another's keys."""
+    return tokens <= MAX_SELF_ATTENTION_TOKENS
+
+
+def self_attention_max_channels(dtype: torch.dtype) -> int:
+    """Widest x for that: at C = 128 the fp32 tiles overflow an A100's shared memory (tests/gpu_compile.py)."""
+    return 64 if dtype == torch.float32 else MAX_CHANNELS
 
 
 def projected_attention_forward(
@@ -119,22 +150,56 @@ def projected_attention_forward(
     Returns:
         (out (B, N, C) contiguous, q, o, lse).
     """
+    _, M, heads, _ = k.shape
+    return _launch(x, q_weight, q_bias, proj_weight, proj_bias, scale, save, heads, M, k=k, v=v)
+
+
+def projected_self_attention_forward(
+    x: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor, kv_weight: torch.Tensor, kv_bias: torch.Tensor,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, heads: int, scale: float, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same with k, v = halves of x W_kv^T + b_kv, projected inside the kernel (sr = 1, N <= 64).
+
+    Args:
+        kv_weight: (2C, C), kv_bias: (2C,): the k rows, then the v rows; heads: h, with C % h == 0.
+        The others as in :func:`projected_attention_forward`, with N <= 64 (see :func:`keys_from_x_fit`) and
+        C <= :func:`self_attention_max_channels` (64 in fp32).
+    """
     B, N, C = x.shape
-    _, M, H, D = k.shape
+    if not keys_from_x_fit(N):
+        raise ValueError(f"projected self attention takes N <= {MAX_SELF_ATTENTION_TOKENS} tokens, got N={N}")
+    if C > self_attention_max_channels(x.dtype):
+        raise ValueError(f"projected self attention takes C <= {self_attention_max_channels(x.dtype)} in {x.dtype}, "
+                         f"got C={C}")
+    return _launch(x, q_weight, q_bias, proj_weight, proj_bias, scale, save, heads, N,
+                   kv_weight=kv_weight.contiguous(), kv_bias=kv_bias.contiguous())
+
+
+def _launch(x, q_weight, q_bias, proj_weight, proj_bias, scale, save, heads, M, *, k=None, v=None, kv_weight=None,
+            kv_bias=None):
+    """Allocate the outputs and launch, with keys k, v (B, M, h, d) or, for self attention, W_kv and b_kv."""
+    B, N, C = x.shape
+    D = C // heads
     if C > MAX_CHANNELS or x.dtype not in DTYPES:
         raise ValueError(f"projected attention takes C <= {MAX_CHANNELS} in fp16/bf16/fp32, got C={C} {x.dtype}")
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     out = _empty((B, N, C), dtype=x.dtype, device=x.device)
     q, o = (_empty((B, N, C) if save else (0,), dtype=x.dtype, device=x.device) for _ in range(2))
-    lse = _empty((B, H, N) if save else (0,), dtype=torch.float32, device=x.device)
+    lse = _empty((B, heads, N) if save else (0,), dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out, q, o, lse
-    plan = _plan(B, N, M, C, D, x.device)
+    kv_from_x = kv_weight is not None
+    if kv_from_x:  # the kernel's K / V pointers go unused
+        k = v = x.new_empty((0, 0, 0, 0))
+    else:  # its W_kv / b_kv pointers go unused
+        kv_weight, kv_bias = q_weight, q_bias
+    plan = _plan(B, N, M, C, D, kv_from_x, x.device)
     _projected_fwd_kernel[(B, plan.num_programs)](
-        x, q_weight.contiguous(), q_bias.contiguous(), k, v, proj_weight.contiguous(), proj_bias.contiguous(),
-        out, q, o, lse, *x.stride(), *k.stride(), *v.stride(), N, M, C, D, scale * LOG2E.value,
-        H=H, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, BLOCK_C=plan.block_c,
-        SAVE=save, UPCAST=INTERPRETED, num_warps=plan.num_warps, num_stages=2,
+        x, q_weight.contiguous(), q_bias.contiguous(), k, v, kv_weight, kv_bias, proj_weight.contiguous(),
+        proj_bias.contiguous(), out, q, o, lse, *x.stride(), *k.stride(), *v.stride(), N, M, C, D,
+        scale * LOG2E.value, H=heads, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d,
+        BLOCK_C=plan.block_c, KV_FROM_X=kv_from_x, SAVE=save, UPCAST=INTERPRETED, num_warps=plan.num_warps,
+        num_stages=2,
     )
     return out, q, o, lse
