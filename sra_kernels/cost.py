@@ -45,9 +45,9 @@ Bytes (HBM traffic)
     * ``projected`` -- the same for the opt-in fused-projection path (``SRA_KERNELS_FUSE_PROJECTIONS=1``,
       C <= 128, fp16/bf16): the kv projection in the reduction kernel's epilogue, q and out projections
       inside the attention kernel, so in inference x is read once for the queries and the output
-      written once; training also writes q, o and the log-sum-exp, and its backward is step 1's
-      except that autograd sums the two dx. With sr = 1 over at most 64 tokens, k and v are projected
-      inside that kernel too (one launch; the backward recomputes them with a GEMM).
+      written once; training also writes q, o and the log-sum-exp, and its backward is step 1's.
+      With sr = 1 over at most 64 tokens, k and v are projected inside that kernel too (one launch;
+      the backward recomputes them with a GEMM).
       Saving q and o rather than recomputing them is the cheaper choice while the backward is step 1's
       kernels: recomputing q by a GEMM reads x and writes q (2 (B, N, C) passes) where saving it costs
       one write in the forward; both then read q in the attention backward. o cannot be recomputed
@@ -448,13 +448,17 @@ def _projects_keys_in_kernel(shape: SRAShape) -> bool:
 
 
 def _projected_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
-    """The fused-projection path's backward: the step-1 kernels, the reduction's dx summed by autograd; the
-    one-kernel sr = 1 path first recomputes k, v with a GEMM (it saved neither)."""
+    """The fused-projection path's backward: step 1's kernels (with a reduction, its dx is added into the q
+    path's in place, as in step 1). The one-kernel sr = 1 path first recomputes k, v with a GEMM (it saved
+    neither) and adds dkv W_kv into the q path's dx (addmm: reads it once more); a longer sr = 1 input takes
+    step 1's backward, autograd summing the two dx."""
     B, M, C = shape.batch, shape.reduced_tokens, shape.channels
     e, x, _, _ = _sizes(shape, dtype)
-    ops = [("kv_recompute", "gemm", _gemm_forward(B * M, C, 2 * C, e))] if _projects_keys_in_kernel(shape) else []
-    return (ops + _projection_and_attention_backward_ops(shape, dtype) + _reduction_backward_ops(shape, dtype, False)
-            + [("dx_sum", "torch", _pointwise(2 * x, x, e))])
+    if not _projects_keys_in_kernel(shape):
+        return _triton_backward_ops(shape, dtype)
+    *ops, (kv_name, kind, kv_cost), q = _projection_and_attention_backward_ops(shape, dtype)
+    return ([("kv_recompute", "gemm", _gemm_forward(B * M, C, 2 * C, e))] + ops
+            + [q, (kv_name, kind, kv_cost + Cost(0, x * e, 0))])
 
 
 def sra_attention_cost(shape: SRAShape, dtype: torch.dtype = torch.bfloat16, mode: str = "forward") -> SRACost:

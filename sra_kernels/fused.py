@@ -6,10 +6,11 @@ the attention are our Triton kernels. Heads are column slices: q, k and v reach 
 kernel as strided views, never permuted copies.
 
 Steps 2/3, opt-in with ``SRA_KERNELS_FUSE_PROJECTIONS=1`` until GPU measurements choose: for
-C <= 128 the q projection and the out projection run inside the attention kernel
-(``projected_attention``), and the kv projection runs in the reduction kernel's epilogue
-(``reduce_project_kv``): x is read once for the queries and the output written once, with no q,
-pre-projection output or reduced tokens crossing HBM in inference: two launches when reducing. With
+C <= 128 the q projection and the out projection run inside the attention kernel, and the kv
+projection runs in the reduction kernel's epilogue (one op, ``projected_sra``, whose backward adds
+the reduction's dx into the q path's in place, as step 1 does): x is read once for the queries and
+the output written once, with no q, pre-projection output or reduced tokens crossing HBM in
+inference: two launches when reducing. With
 sr = 1 and at most 64 tokens, k and v are projected inside the attention kernel too (one launch);
 longer sr = 1 inputs take a kv GEMM first.
 """
@@ -25,7 +26,7 @@ from .library import (
     project_and_reduce,
     projected_attention,
     projected_self_attention,
-    reduce_project_kv,
+    projected_sra,
     reduced_kv_attention,
     spatial_reduce,
 )
@@ -118,17 +119,15 @@ def _sra_attention_projected(
     q_bias, kv_bias, proj_bias = (x.new_zeros(n) if bias is None else bias
                                   for n, bias in ((C, q_bias), (2 * C, kv_bias), (C, proj_bias)))
     scale = head_dim ** -0.5 if scale is None else scale
-    reduces = linear or sr_ratio > 1
-    if not reduces and keys_from_x_fit(N):  # the whole SRA in one kernel
-        save = _needs_grad(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias)
-        return projected_self_attention(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, num_heads,
-                                        scale, save)[0]
-    if reduces:  # the kv projection in the reduction kernel's epilogue
-        kv = reduce_project_kv(x, *size, sr_weight, *_filled(C, x, *optional), kv_weight, kv_bias, sr_ratio, linear,
-                               eps)[0]
-    else:
-        kv = F.linear(x, kv_weight, kv_bias)
-    kv = kv.view(B, kv.shape[1], 2, num_heads, head_dim)
+    projections = (q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias)
+    if linear or sr_ratio > 1:  # two kernels, the kv projection in the reduction kernel's epilogue
+        reduction = (sr_weight, *_filled(C, x, *optional))
+        save = _needs_grad(x, *projections, *reduction)
+        return projected_sra(x, *size, *projections, *reduction, sr_ratio, linear, eps, num_heads, scale, save)[0]
+    if keys_from_x_fit(N):  # the whole SRA in one kernel
+        save = _needs_grad(x, *projections)
+        return projected_self_attention(x, *projections, num_heads, scale, save)[0]
+    kv = F.linear(x, kv_weight, kv_bias).view(B, N, 2, num_heads, head_dim)
     save = _needs_grad(x, q_weight, q_bias, kv, proj_weight, proj_bias)
     return projected_attention(x, q_weight, q_bias, kv[:, :, 0], kv[:, :, 1], proj_weight, proj_bias, scale, save)[0]
 

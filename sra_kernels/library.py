@@ -10,11 +10,11 @@ Custom ops in the ``sra_kernels`` namespace, each with a fake (meta) implementat
   consumers of x in SRA: the backward adds the reduction's dx into the q path's dx in the pass that
   writes it, instead of autograd summing two full (B, N, C) gradients;
 * ``reduced_kv_attention`` / ``reduced_kv_attention_backward`` -- short-KV FlashAttention;
-* fusion steps 2/3 (``SRA_KERNELS_FUSE_PROJECTIONS=1``, :mod:`.fused`): ``reduce_project_kv`` (the
-  reduction with the kv projection in its epilogue), ``projected_attention`` (q projection, attention
-  and out projection in one kernel) and ``projected_self_attention`` (the same with k, v projected in
-  the kernel too: the whole sr = 1 SRA over <= 64 tokens); their backwards are cuBLAS GEMMs around the
-  reduction and attention backward ops.
+* fusion steps 2/3 (``SRA_KERNELS_FUSE_PROJECTIONS=1``, :mod:`.fused`): ``projected_attention`` (q
+  projection, attention and out projection in one kernel), ``projected_sra`` (the whole SRA with a
+  reduction: the reduction kernel with the kv projection in its epilogue, then that kernel) and
+  ``projected_self_attention`` (the whole sr = 1 SRA over <= 64 tokens in one kernel, k and v projected
+  in it too); their backwards are cuBLAS GEMMs around the attention and reduction backward ops.
 
 The forward ops carry autograd (``register_autograd``) whose backward calls the backward op.
 """
@@ -164,62 +164,6 @@ def _(x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
 def _(grad_y_shape, x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
     sr_ratio, linear = args[-3], args[-2]
     return 2 * _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear)  # grad input + grad weight
-
-
-# --------------------------------------------------------------------------- reduction + kv projection
-def _reduce_project_kv_impl(
-    x: Tensor, H: int, W: int, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-    kv_weight: Tensor, kv_bias: Tensor, sr_ratio: int, linear: bool, eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x (B, H*W, C), C <= 128 -> (kv = reduced tokens W_kv^T + b_kv (B, M, 2C), then the outputs of
-    ``spatial_reduce``): the kv projection in the reduction kernel's epilogue."""
-    return reduce_and_project_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps,
-                                 kv_weight, kv_bias)
-
-
-reduce_project_kv_op = torch.library.custom_op("sra_kernels::reduce_project_kv", mutates_args=())(
-    _reduce_project_kv_impl)
-
-
-@reduce_project_kv_op.register_fake
-def _(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, kv_bias, sr_ratio, linear, eps):
-    reduced = _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
-    B, M, C = reduced[0].shape
-    return (x.new_empty((B, M, 2 * C)), *reduced)
-
-
-def _reduce_project_kv_setup_context(ctx, inputs, output):
-    x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, _, sr_ratio, linear, eps = inputs
-    _, y, z, mean, rstd, pooled = output
-    ctx.save_for_backward(x, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, y, z, mean, rstd, pooled)
-    ctx.geometry = (H, W, sr_ratio, linear, eps)
-    ctx.mark_non_differentiable(y, z, mean, rstd, pooled)
-
-
-def _reduce_project_kv_backward(ctx, grad_kv, *_unused_grads):
-    """kv projection backward by cuBLAS (dy = dkv W_kv, dW_kv = dkv^T y), then the reduction's backward."""
-    x, sr_weight, sr_bias, norm_weight, norm_bias, kv_weight, y, z, mean, rstd, pooled = ctx.saved_tensors
-    H, W, sr_ratio, linear, eps = ctx.geometry
-    grad_kv = grad_kv.reshape(-1, kv_weight.shape[0])
-    grad_y = (grad_kv @ kv_weight).view(y.shape)
-    dx, dw, db, dnw, dnb = _run(spatial_reduce_backward_op, _spatial_reduce_backward_impl,
-                                grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
-                                sr_ratio, linear, eps)
-    return (dx, None, None, dw, db, dnw, dnb, grad_kv.T @ y.reshape(-1, y.shape[-1]), grad_kv.sum(0),
-            None, None, None)
-
-
-reduce_project_kv_op.register_autograd(_reduce_project_kv_backward, setup_context=_reduce_project_kv_setup_context)
-reduce_project_kv = _entry_point(reduce_project_kv_op, _reduce_project_kv_impl, _reduce_project_kv_setup_context,
-                                 _reduce_project_kv_backward)
-
-
-@register_flop_formula(torch.ops.sra_kernels.reduce_project_kv)
-def _(x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs) -> int:
-    sr_ratio, linear = args[-3], args[-2]
-    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
-    C = x_shape[-1]
-    return _conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear) + 2 * x_shape[0] * Hr * Wr * C * 2 * C
 
 
 # --------------------------------------------------------------------------- q projection + reduction
@@ -501,4 +445,79 @@ def _(x_shape, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape, pro
     B, N, C = x_shape
     qkv = (B, heads, N, C // heads)
     return 2 * B * N * C * (C + 2 * C + C) + sdpa_flop_count(qkv, qkv, qkv)
+
+
+# --------------------------------------------------------------------------- the whole reducing SRA, projections fused
+def _projected_sra_impl(
+    x: Tensor, H: int, W: int, q_weight: Tensor, q_bias: Tensor, kv_weight: Tensor, kv_bias: Tensor,
+    proj_weight: Tensor, proj_bias: Tensor, sr_weight: Tensor, sr_bias: Tensor, norm_weight: Tensor,
+    norm_bias: Tensor, sr_ratio: int, linear: bool, eps: float, heads: int, scale: float, save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (B, H*W, C), C <= 128, with a reduction (sr > 1 or linear) -> (out (B, N, C), then q, o, lse as
+    ``projected_attention`` returns them, kv (B, M, 2C), then the outputs of ``spatial_reduce``): the
+    reduction kernel with the kv projection in its epilogue, then the projected-attention kernel."""
+    kv, *reduced = reduce_and_project_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps,
+                                         kv_weight, kv_bias)
+    B, M, C = reduced[0].shape
+    k, v = kv.view(B, M, 2, heads, C // heads).unbind(2)
+    return (*projected_attention_forward(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save), kv,
+            *reduced)
+
+
+projected_sra_op = torch.library.custom_op("sra_kernels::projected_sra", mutates_args=())(_projected_sra_impl)
+
+
+@projected_sra_op.register_fake
+def _(x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight,
+      norm_bias, sr_ratio, linear, eps, heads, scale, save):
+    B, N, C = x.shape
+    reduced = _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
+    saved = (B, N, C) if save else (0,)
+    lse = x.new_empty((B, heads, N) if save else (0,), dtype=torch.float32)
+    return (x.new_empty((B, N, C)), x.new_empty(saved), x.new_empty(saved), lse,
+            x.new_empty((B, reduced[0].shape[1], 2 * C)), *reduced)
+
+
+def _projected_sra_setup_context(ctx, inputs, output):
+    (x, H, W, q_weight, _, kv_weight, _, proj_weight, _, sr_weight, sr_bias, norm_weight, norm_bias,
+     sr_ratio, linear, eps, heads, scale, _) = inputs
+    _, *saved = output
+    ctx.save_for_backward(x, q_weight, kv_weight, proj_weight, sr_weight, sr_bias, norm_weight, norm_bias, *saved)
+    ctx.geometry = (H, W, sr_ratio, linear, eps)
+    ctx.heads, ctx.scale = heads, scale
+    ctx.mark_non_differentiable(*saved)
+
+
+def _projected_sra_backward(ctx, grad_out, *_unused_grads):
+    """The projections' and attention's backward as ``projected_attention``'s, then the reduction's backward
+    adds its dx into the q path's in the pass that writes it (``project_and_reduce_backward``)."""
+    x, q_weight, kv_weight, proj_weight, sr_weight, sr_bias, norm_weight, norm_bias, q, o, lse, kv, y, z, mean, \
+        rstd, pooled = ctx.saved_tensors
+    H, W, sr_ratio, linear, eps = ctx.geometry
+    B, N, C = x.shape
+    k, v = kv.view(B, -1, 2, ctx.heads, C // ctx.heads).unbind(2)
+    dq, dk, dv, d_proj_weight, d_proj_bias = _projected_backward(grad_out, x, k, v, proj_weight, q, o, lse, ctx.scale)
+    dkv = torch.cat((dk.reshape(-1, C), dv.reshape(-1, C)), 1)
+    grad_y = (dkv @ kv_weight).view(y.shape)
+    dx, dw, db, dnw, dnb = _run(project_and_reduce_backward_op, _project_and_reduce_backward_impl,
+                                dq.view(B, N, C), grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight,
+                                norm_bias, z, mean, rstd, pooled, sr_ratio, linear, eps)
+    return (dx, None, None, dq.T @ x.reshape(-1, C), dq.sum(0), dkv.T @ y.reshape(-1, C), dkv.sum(0), d_proj_weight,
+            d_proj_bias, dw, db, dnw, dnb, None, None, None, None, None, None)
+
+
+projected_sra_op.register_autograd(_projected_sra_backward, setup_context=_projected_sra_setup_context)
+projected_sra = _entry_point(projected_sra_op, _projected_sra_impl, _projected_sra_setup_context,
+                             _projected_sra_backward)
+
+
+@register_flop_formula(torch.ops.sra_kernels.projected_sra)
+def _(x_shape, H, W, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape, proj_weight_shape,
+      proj_bias_shape, sr_weight_shape, sr_bias_shape, norm_weight_shape, norm_bias_shape, sr_ratio, linear, eps,
+      heads, *args, out_shape=None, **kwargs) -> int:
+    B, N, C = x_shape
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    kv = (B, heads, Hr * Wr, C // heads)
+    return (_conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear) + 2 * B * Hr * Wr * C * 2 * C
+            + 2 * (2 * B * N * C * C) + sdpa_flop_count((B, heads, N, C // heads), kv, kv))
 

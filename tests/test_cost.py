@@ -209,5 +209,5 @@ def test_triton_path_lies_between_the_floor_and_eager(model, mode):
             assert cost.fused.bytes <= cost.projected.bytes, (shape, mode)
             if mode == "forward":  # inference: within 25% of the floor, at most 60% of step 1's bytes
                 assert cost.projected.bytes <= min(1.25 * cost.fused.bytes, 0.6 * cost.triton.bytes), shape
-            elif mode == "forward+backward":  # training: its backward sums dx in a separate pass
-                assert cost.projected.bytes <= cost.triton.bytes, shape
+            elif mode == "forward+backward":  # training: the forward's savings, less q and o saved for the backward
+                assert cost.projected.bytes < 0.95 * cost.triton.bytes, shape

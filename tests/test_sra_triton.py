@@ -173,13 +173,14 @@ def test_opcheck_projected_self_attention(save, kernel_device):
     torch.library.opcheck(torch.ops.sra_kernels.projected_self_attention.default, args)
 
 
+@pytest.mark.parametrize("save", [True, False])
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1)])
-def test_opcheck_reduce_project_kv(linear, sr, kernel_device):
-    C = 32
+def test_opcheck_projected_sra(linear, sr, save, kernel_device):
+    C, heads = 32, 2
     x, weights = _problem(2, 8, 9, C, sr, linear, kernel_device, torch.float32)
-    args = (x, 8, 9, *weights[6:], weights[2], weights[3], sr, linear, 1e-5)
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.sra_kernels.reduce_project_kv.default, args)
+    args = (x, 8, 9, *weights, sr, linear, 1e-5, heads, 0.25, save)
+    args = tuple(a.requires_grad_(save) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.sra_kernels.projected_sra.default, args)
 
 
 @pytest.mark.parametrize("linear,sr,H,W", [(False, 2, 8, 10), (True, 1, 8, 10), (False, 1, 8, 10), (False, 1, 7, 7)])
@@ -246,14 +247,20 @@ def test_compile_fullgraph_reference_backend():
     torch.testing.assert_close(compiled(x, 8, 10), module(x, 8, 10))
 
 
-@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
-def test_flop_counter_counts_fused_ops(linear, sr, kernel_device):
-    """FlopCounterMode sees the reference's FLOPs on the triton path: the same forward, and the same
-    forward+backward plus the attention backward's recompute of q k^T (2 B h N M d)."""
+@pytest.mark.parametrize("fuse_projections", [False, True])
+@pytest.mark.parametrize("linear,sr,H,W", [(False, 2, 14, 14), (True, 1, 14, 14), (False, 1, 14, 14), (False, 1, 7, 7)])
+def test_flop_counter_counts_fused_ops(linear, sr, H, W, fuse_projections, kernel_device, monkeypatch):
+    """FlopCounterMode sees the reference's FLOPs on the triton path (step 1 in fp32, the fused-projection
+    path in bf16): the same forward, and the same forward+backward plus the attention backward's recompute
+    of q k^T (2 B h N M d) and, on the one-kernel sr = 1 path, the backward's recompute of k, v (4 B N C^2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    B, H, W, C, heads = 2, 14, 14, 32, 2
-    x, weights = _problem(B, H, W, C, sr, linear, kernel_device, torch.float32)
+    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+
+    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1" if fuse_projections else "0")
+    B, C, heads = 2, 32, 2
+    dtype = torch.bfloat16 if fuse_projections else torch.float32
+    x, weights = _problem(B, H, W, C, sr, linear, kernel_device, dtype)
     leaves = [t.requires_grad_() if t is not None else None for t in (x, *weights)]
     flops = {}
     for backend in ("reference", "triton"):
@@ -265,8 +272,9 @@ def test_flop_counter_counts_fused_ops(linear, sr, kernel_device):
             out.sum().backward()
         flops[backend] = (forward, counter.get_total_flops())
     M = 49 if linear else (H // sr) * (W // sr)
+    kv_recompute = 4 * B * H * W * C * C if fuse_projections and (linear, sr, H * W) == (False, 1, 49) else 0
     assert flops["triton"][0] == flops["reference"][0] > 0
-    assert flops["triton"][1] == flops["reference"][1] + 2 * B * heads * (H * W) * M * (C // heads)
+    assert flops["triton"][1] == flops["reference"][1] + 2 * B * heads * (H * W) * M * (C // heads) + kv_recompute
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
