@@ -421,7 +421,8 @@ def _projected_self_attention_setup_context(ctx, inputs, output):
 
 
 def _projected_self_attention_backward(ctx, grad_out, *_unused_grads):
-    """As ``projected_attention``'s, on k, v recomputed by one cuBLAS GEMM (N <= 64 rows: cheaper than saving)."""
+    """As ``projected_attention``'s, on k, v recomputed by one cuBLAS GEMM (the forward kernel never writes them;
+    at N <= 64 rows per image the GEMM costs one more read of x than saving them would)."""
     x, q_weight, kv_weight, kv_bias, proj_weight, q, o, lse = ctx.saved_tensors
     B, N, C = x.shape
     x2d = x.reshape(-1, C)
