@@ -1,5 +1,9 @@
 """Hypothesis fuzzing of the triton backend over random SRA shapes: forward and dx against the
-float64 reference, fp32 (the interpreter on CPU; natively on CUDA)."""
+float64 reference, fp32 on step 1 and bf16 on the fused-projection path (the interpreter on CPU;
+natively on CUDA)."""
+
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -7,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sra_kernels import sra_attention
+from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
 from tests.accuracy import assert_within_reference_error
 from tests.conftest import KERNEL_DEVICES
 
@@ -27,6 +32,20 @@ def sra_shapes(draw):
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=sra_shapes())
 def test_random_shapes_match_reference(shape):
+    _check_against_reference(shape, torch.float32)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=sra_shapes().filter(lambda shape: shape[3] <= 128))
+def test_random_shapes_match_reference_with_fused_projections(shape):
+    """SRA_KERNELS_FUSE_PROJECTIONS=1 in bf16: the fused-projection path (C <= 128), one kernel for sr = 1
+    over <= 64 tokens."""
+    with mock.patch.dict(os.environ, {FUSE_PROJECTIONS_ENV_VAR: "1"}):
+        _check_against_reference(shape, torch.bfloat16)
+
+
+def _check_against_reference(shape, dtype):
+    """Output and dx of the triton backend in ``dtype`` within the accuracy rule of the float64 reference."""
     B, H, W, C, heads, sr, linear = shape
     device = torch.device(KERNEL_DEVICES[0])
     g = torch.Generator().manual_seed(hash(shape) % 2**31)
@@ -42,14 +61,15 @@ def test_random_shapes_match_reference(shape):
         if reduces else [None] * 4
     x = r(B, H * W, C)
     grad = r(B, H * W, C)
+    x, grad, weights = x.to(dtype).double(), grad.to(dtype).double(), \
+        [w.to(dtype).double() if w is not None else None for w in weights]  # representable in dtype
     results = {}
-    for backend, dtype in (("reference", torch.float64), ("reference", torch.float32), ("triton", torch.float32)):
-        xi = x.to(dtype).requires_grad_()
-        out = sra_attention(xi, (H, W), *[w.to(dtype) if w is not None else None for w in weights],
+    for backend, run_dtype in (("reference", torch.float64), ("reference", dtype), ("triton", dtype)):
+        xi = x.to(run_dtype).requires_grad_()
+        out = sra_attention(xi, (H, W), *[w.to(run_dtype) if w is not None else None for w in weights],
                             num_heads=heads, sr_ratio=sr, linear=linear, backend=backend)
-        (dx,) = torch.autograd.grad(out, xi, grad.to(dtype))
-        results[backend, dtype] = (out, dx)
-    exact, peer, got = results["reference", torch.float64], results["reference", torch.float32], \
-        results["triton", torch.float32]
+        (dx,) = torch.autograd.grad(out, xi, grad.to(run_dtype))
+        results[backend, run_dtype] = (out, dx)
+    exact, peer, got = results["reference", torch.float64], results["reference", dtype], results["triton", dtype]
     for name, g_, e, p in zip(("out", "dx"), got, exact, peer):
-        assert_within_reference_error(f"{name} at {shape}", g_, e, p, torch.float32)
+        assert_within_reference_error(f"{name} at {shape}", g_, e, p, dtype)
