@@ -340,9 +340,14 @@ projected_attention_op = torch.library.custom_op("sra_kernels::projected_attenti
 
 @projected_attention_op.register_fake
 def _(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save):
+    return _projected_outputs_fake(x, k.shape[2], save)
+
+
+def _projected_outputs_fake(x, heads, save):
+    """(out, q, o, lse) of the projected ops, as meta tensors: see ``projected_attention_forward``."""
     B, N, C = x.shape
     saved = (B, N, C) if save else (0,)
-    lse = x.new_empty((B, k.shape[2], N) if save else (0,), dtype=torch.float32)
+    lse = x.new_empty((B, heads, N) if save else (0,), dtype=torch.float32)
     return x.new_empty((B, N, C)), x.new_empty(saved), x.new_empty(saved), lse
 
 
@@ -406,10 +411,7 @@ projected_self_attention_op = torch.library.custom_op("sra_kernels::projected_se
 
 @projected_self_attention_op.register_fake
 def _(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, heads, scale, save):
-    B, N, C = x.shape
-    saved = (B, N, C) if save else (0,)
-    lse = x.new_empty((B, heads, N) if save else (0,), dtype=torch.float32)
-    return x.new_empty((B, N, C)), x.new_empty(saved), x.new_empty(saved), lse
+    return _projected_outputs_fake(x, heads, save)
 
 
 def _projected_self_attention_setup_context(ctx, inputs, output):
@@ -471,12 +473,9 @@ projected_sra_op = torch.library.custom_op("sra_kernels::projected_sra", mutates
 @projected_sra_op.register_fake
 def _(x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight,
       norm_bias, sr_ratio, linear, eps, heads, scale, save):
-    B, N, C = x.shape
     reduced = _spatial_reduce_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
-    saved = (B, N, C) if save else (0,)
-    lse = x.new_empty((B, heads, N) if save else (0,), dtype=torch.float32)
-    return (x.new_empty((B, N, C)), x.new_empty(saved), x.new_empty(saved), lse,
-            x.new_empty((B, reduced[0].shape[1], 2 * C)), *reduced)
+    B, M, C = reduced[0].shape
+    return (*_projected_outputs_fake(x, heads, save), x.new_empty((B, M, 2 * C)), *reduced)
 
 
 def _projected_sra_setup_context(ctx, inputs, output):
