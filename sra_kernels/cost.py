@@ -28,7 +28,9 @@ Bytes (HBM traffic)
       its LayerNorm mean/rstd (+ the pooled tokens (B, 49, C) in linear mode). Backward reads dY,
       those saved tensors, x twice and the weights once, writes and re-reads dK/dV (B, M, 2C) once,
       writes every weight gradient once and dx once, plus one more read and write of dx where the
-      reduction path adds its part to the query path's.
+      reduction path adds its part to the query path's. It is a floor for programs that do not
+      recompute: the ``projected`` path's one-kernel case (sr = 1 over <= 64 tokens, one block per
+      image) goes below it, since its k and v never leave the chip and x is read once.
     * ``unfused`` -- the eager PyTorch sequence of the reference backend (:mod:`sra_kernels.reference`):
       each op reads its inputs and writes its output once, including the materialised (B, h, N, M)
       score matrix three times over (q k^T, the scale, the softmax). Layout copies (head splits and
