@@ -189,6 +189,7 @@ def test_one_kernel_self_attention_bytes_by_hand():
     cost = sra_attention_cost(shape, torch.bfloat16, "forward")
     assert cost.projected == Cost(cost.unfused.flops, (3136 + 4224) * 2, 3136 * 2)
     assert [name for name, _, _ in cost.projected_ops] == ["projected_self_attention"]
+    assert cost.projected.bytes < cost.fused.bytes  # below the no-recompute floor: k, v never leave the chip
     training = sra_attention_cost(shape, torch.bfloat16, "forward+backward").projected_ops
     assert [name for name, _, _ in training][:3] == ["projected_self_attention", "kv_recompute", "proj_bwd"]
     longer = sra_attention_cost(SRAShape(2, 9, 8, 32, 2), torch.bfloat16, "forward").projected_ops
