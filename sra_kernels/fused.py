@@ -10,9 +10,8 @@ C <= 128 the q projection and the out projection run inside the attention kernel
 projection runs in the reduction kernel's epilogue (one op, ``projected_sra``, whose backward adds
 the reduction's dx into the q path's in place, as step 1 does): x is read once for the queries and
 the output written once, with no q, pre-projection output or reduced tokens crossing HBM in
-inference: two launches when reducing. With
-sr = 1 and at most 64 tokens, k and v are projected inside the attention kernel too (one launch);
-longer sr = 1 inputs take a kv GEMM first.
+inference: two launches when reducing. With sr = 1 and at most 64 tokens, k and v are projected
+inside the attention kernel too (one launch); longer sr = 1 inputs take a kv GEMM first.
 """
 
 from __future__ import annotations

@@ -190,14 +190,16 @@ def _launch(x, q_weight, q_bias, proj_weight, proj_bias, scale, save, heads, M, 
     if out.numel() == 0:
         return out, q, o, lse
     kv_from_x = kv_weight is not None
-    if kv_from_x:  # the kernel's K / V pointers go unused
-        k = v = x.new_empty((0, 0, 0, 0))
+    if kv_from_x:  # the kernel's K / V pointers and strides go unused
+        k = v = x
+        key_strides = (0,) * 8
     else:  # its W_kv / b_kv pointers go unused
         kv_weight, kv_bias = q_weight, q_bias
+        key_strides = (*k.stride(), *v.stride())
     plan = _plan(B, N, M, C, D, kv_from_x, x.device)
     _projected_fwd_kernel[(B, plan.num_programs)](
         x, q_weight.contiguous(), q_bias.contiguous(), k, v, kv_weight, kv_bias, proj_weight.contiguous(),
-        proj_bias.contiguous(), out, q, o, lse, *x.stride(), *k.stride(), *v.stride(), N, M, C, D,
+        proj_bias.contiguous(), out, q, o, lse, *x.stride(), *key_strides, N, M, C, D,
         scale * LOG2E.value, H=heads, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d,
         BLOCK_C=plan.block_c, KV_FROM_X=kv_from_x, SAVE=save, UPCAST=INTERPRETED, num_warps=plan.num_warps,
         num_stages=2,
