@@ -65,8 +65,20 @@ def run_info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    return {"device": device_name(), "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "git_commit": git_commit()}
+    return {"device": device_name(), "capability": list(torch.cuda.get_device_capability()) if CUDA else None,
+            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "git_commit": git_commit()}
+
+
+PROVIDER_OPTIONS = {
+    "sra_kernels": dict(backend="triton", fuse_projections=False),
+    "sra_kernels_projected": dict(backend="triton", fuse_projections=True),
+    "auto": dict(backend="auto"),
+    "sdpa": dict(backend="sdpa"),
+    "reference": dict(backend="reference"),
+}
+"""Provider -> the attention options it runs with (``SpatialReductionAttention.configure``): ``sra_kernels`` is
+our unfused-projection path, ``sra_kernels_projected`` the fused one, ``auto`` the default policy."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:

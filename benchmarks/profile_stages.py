@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sra_kernels import SpatialReductionAttention
-from sra_kernels.cost import model_stages
+from sra_kernels.shapes import model_stages
 
 CALLS = 5
 

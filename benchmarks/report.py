@@ -20,10 +20,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PROVIDERS = ("sra_kernels", "sra_kernels_projected", "compiled", "sdpa", "reference")
-"""Column order; ``sra_kernels`` is our triton backend."""
+PROVIDERS = ("auto", "sra_kernels", "sra_kernels_projected", "compiled", "sdpa", "reference")
+"""Column order; ``auto`` is the default policy, ``sra_kernels`` our triton backend's unfused-projection path."""
 
-SUBJECTS = ("sra_kernels", "sdpa")
+SUBJECTS = ("auto", "sra_kernels", "sdpa")
 """The provider whose speedups the tables show: the first of these present in the data."""
 
 BASELINE = "reference"
@@ -114,12 +114,13 @@ def _model_key(row: dict) -> list:
 
 def cost_table(rows: list[dict]) -> str:
     """Analytic FLOPs and bytes of op cases (rows need the op key fields and the cost fields): the fused
-    floor, the triton backend's fused-projection path (where it runs: C <= 128, 16-bit) and its step-1
-    path, and the eager sequence."""
+    floor, the fused_projections path (where it runs: C <= 128, 16-bit), the cublas_projections path, and
+    the eager sequence."""
     lines = [_op_key(r) + [r["gflop"], r["min_mb"], r.get("projected_mb"), r.get("triton_mb"), r["unfused_mb"],
                            r["scores_mb"], r["gflop"] * 1e3 / r["min_mb"]] for r in rows]
-    return markdown_table(_OP_KEY_HEADERS + ["GFLOP", "min MB (fused)", "MB fused projections", "MB triton step 1",
-                                             "MB unfused (eager)", "scores MB", "FLOP/byte (fused)"], lines)
+    return markdown_table(_OP_KEY_HEADERS + ["GFLOP", "min MB (fused)", "MB fused_projections",
+                                             "MB cublas_projections", "MB unfused (eager)", "scores MB",
+                                             "FLOP/byte (fused)"], lines)
 
 
 def op_table(rows: list[dict]) -> str:

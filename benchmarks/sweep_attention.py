@@ -20,7 +20,7 @@ import triton
 
 from benchmarks import sweep
 from benchmarks.sweep import graph_ms, relative_error
-from sra_kernels.cost import model_stages
+from sra_kernels.shapes import model_stages
 from sra_kernels.ops import attention
 
 RESOLUTIONS = {224: 64, 512: 16}

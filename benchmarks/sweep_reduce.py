@@ -21,7 +21,7 @@ import torch
 from benchmarks import sweep
 from benchmarks.sweep import graph_ms, relative_error
 from benchmarks.sweep_attention import RESOLUTIONS
-from sra_kernels.cost import model_stages
+from sra_kernels.shapes import model_stages
 from sra_kernels.ops import spatial_reduce as sr_ops
 
 CHOICES = {"BLOCK_M": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3)}

@@ -3,9 +3,10 @@
 ``infer``: a forward pass under no_grad (images/s = batch / median). ``train``: forward, cross-entropy
 on random labels, backward and an AdamW step (step time and images/s). Precisions: ``bf16-autocast``
 (fp32 weights, ``torch.autocast`` bf16) and ``fp32``. Peak memory is the CUDA peak above the inputs.
-Providers: ``sra_kernels`` (backend triton), ``sra_kernels_projected`` (backend triton with
-``SRA_KERNELS_FUSE_PROJECTIONS=1``, bf16 autocast only: the stages with C <= 128 fuse their projections),
-``sdpa``, ``reference`` (``pvt.create_model(backend=...)``).
+Providers (attention options of every block, :meth:`configure_attention`): ``sra_kernels`` (backend
+triton, unfused projections), ``sra_kernels_projected`` (backend triton, ``fuse_projections=True``: the
+stages whose plan takes the fused path, C <= 128 in bf16), ``auto`` (the default policy), ``sdpa``,
+``reference``.
 
 GPU: 224x224 images at batch 64. CPU: one smoke configuration only (pvt_v2_b0, 64x64, batch 1, fp32,
 reference and sdpa); every other row is GPU-only and skipped with its reason.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from benchmarks import (
     CUDA,
     DEVICE,
+    PROVIDER_OPTIONS,
     ROTATE,
     kernel_ms,
     measure,
@@ -27,25 +29,36 @@ from benchmarks import (
     rotating,
     synchronize,
 )
-from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+from sra_kernels.options import Options
+from sra_kernels.plan import Problem, plan_sra
+from sra_kernels.shapes import model_stages
 
 pvt = pytest.importorskip("pvt", reason="the pvt models package is not importable (yet)")
 
 MODELS = ("pvt_v2_b0", "pvt_v2_b2", "pvt_small")
 PRECISIONS = ("bf16-autocast", "fp32")
 MODES = ("infer", "train")
-PROVIDERS = {"sra_kernels": "triton", "sra_kernels_projected": "triton", "sdpa": "sdpa", "reference": "reference"}
 GPU_IMAGE, GPU_BATCH = 224, 64
 CPU_SMOKE = ("pvt_v2_b0", "fp32")
 CPU_IMAGE, CPU_BATCH = 64, 1
 NUM_CLASSES = 1000
 
 
-def _skip_reason(model: str, precision: str, provider: str) -> str | None:
-    if provider == "sra_kernels_projected" and precision != "bf16-autocast":
-        return "sra_kernels_projected: the fused-projection path runs in fp16 / bf16 only"
+def _fuses_a_stage(model: str, precision: str, mode: str) -> bool:
+    """Whether any attention stage of ``model`` takes the fused-projection path with fuse_projections=True."""
+    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
+    return any(plan_sra(Problem.of_shape(shape, dtype, mode == "train"), torch.device("cuda"), "triton",
+                        Options(fuse_projections=True)).path == "fused_projections"
+               for shape in model_stages(model, GPU_IMAGE, GPU_BATCH))
+
+
+def _skip_reason(model: str, precision: str, mode: str, provider: str) -> str | None:
+    if provider == "sra_kernels_projected" and not _fuses_a_stage(model, precision, mode):
+        return "sra_kernels_projected: no stage takes the fused-projection path here (it runs C <= 128 in fp16 / bf16)"
     if CUDA:
         return None
+    if provider == "auto":
+        return "auto runs sdpa off CUDA: the sdpa row is that measurement"
     if provider.startswith("sra_kernels"):
         return "sra_kernels (triton) runs on CUDA only here: TRITON_INTERPRET is for tests, far too slow to time"
     if (model, precision) != CPU_SMOKE:
@@ -58,19 +71,18 @@ def _autocast(precision: str):
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDER_OPTIONS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("model", MODELS)
-def test_model(model, precision, mode, provider, results, record, monkeypatch):
-    reason = _skip_reason(model, precision, provider)
+def test_model(model, precision, mode, provider, results, record):
+    reason = _skip_reason(model, precision, mode, provider)
     if reason:
         results.skip(reason)
-    if provider == "sra_kernels_projected":
-        monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
     image, batch = (GPU_IMAGE, GPU_BATCH) if CUDA else (CPU_IMAGE, CPU_BATCH)
     torch.manual_seed(0)
-    net = pvt.create_model(model, num_classes=NUM_CLASSES, backend=PROVIDERS[provider]).to(DEVICE)
+    net = pvt.create_model(model, num_classes=NUM_CLASSES).to(DEVICE)
+    net.configure_attention(**PROVIDER_OPTIONS[provider])
     images = [torch.randn(batch, 3, image, image, device=DEVICE) for _ in range(ROTATE)]
     labels = [torch.randint(0, NUM_CLASSES, (batch,), device=DEVICE) for _ in range(ROTATE)]
     next_index = rotating(ROTATE)

@@ -3,9 +3,11 @@
 GPU shapes: 224x224 at batch 64, 512x512 at batch 16, 800x1333 at batch 2; a stage both models share
 (same grid, channels, heads, sr) is timed once and its ``extra_info["models"]`` names both. Modes:
 ``fwd`` (inference, under no_grad) and ``fwd+bwd`` (x and every weight get gradients); bf16 and fp32.
-Providers, each a ``SpatialReductionAttention`` with random weights: ``sra_kernels`` (backend triton),
-``sra_kernels_projected`` (backend triton with ``SRA_KERNELS_FUSE_PROJECTIONS=1``: rows with C <= 128 in
-bf16), ``reference`` (PVT's eager math), ``sdpa`` (conv + LayerNorm + SDPA, as timm), ``compiled``
+Providers, each a ``SpatialReductionAttention`` with random weights: ``sra_kernels`` (backend triton,
+path ``cublas_projections``), ``sra_kernels_projected`` (backend triton, ``fuse_projections=True``: rows
+where the plan takes ``fused_projections``, C <= 128 in bf16), ``auto`` (the default: the measured policy
+of :mod:`sra_kernels.plan`; its rows record the path taken), ``reference`` (PVT's eager math), ``sdpa``
+(conv + LayerNorm + SDPA, as timm), ``compiled``
 (``torch.compile`` of the sdpa module, mode ``$SRA_BENCH_COMPILE_MODE`` or "default", static shapes;
 dynamo is reset for every row, so each row compiles its own graph). The ``sra_kernels*`` and
 ``compiled`` rows first check their forward output against eager sdpa.
@@ -26,6 +28,7 @@ import torch
 from benchmarks import (
     CUDA,
     DEVICE,
+    PROVIDER_OPTIONS,
     ROTATE,
     dtype_name,
     kernel_ms,
@@ -35,18 +38,19 @@ from benchmarks import (
     synchronize,
 )
 from sra_kernels import SpatialReductionAttention
-from sra_kernels.cost import SRACost, SRAShape, model_stages, sra_attention_cost
-from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
-from sra_kernels.ops.projected_attention import applies as projected_attention_applies
+from sra_kernels.cost import SRACost, sra_attention_cost
+from sra_kernels.options import Options
+from sra_kernels.plan import Plan, Problem, plan_sra
+from sra_kernels.shapes import SRAShape, model_stages
 
 RESOLUTIONS = {"224x224": ((224, 224), 64), "512x512": ((512, 512), 16), "800x1333": ((800, 1333), 2)}
 """name -> (image size, GPU batch)."""
 MODELS = ("pvt_v2_b2", "pvt_small")
 DTYPES = (torch.bfloat16, torch.float32)
 MODES = {"fwd": "forward", "fwd+bwd": "forward+backward"}
-PROVIDERS = ("sra_kernels", "sra_kernels_projected", "compiled", "sdpa", "reference")
-BACKENDS = {"sra_kernels": "triton", "sra_kernels_projected": "triton", "compiled": "sdpa", "sdpa": "sdpa",
-            "reference": "reference"}
+PROVIDERS = ("sra_kernels", "sra_kernels_projected", "auto", "compiled", "sdpa", "reference")
+ATTENTION_OPTIONS = {**PROVIDER_OPTIONS, "compiled": dict(backend="sdpa")}
+"""Provider -> the module's attention options; ``compiled`` is torch.compile of the sdpa module."""
 COMPILE_MODE = os.environ.get("SRA_BENCH_COMPILE_MODE", "default")
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-3}
 """Largest relative L2 error of a checked provider's forward output against eager sdpa."""
@@ -81,11 +85,22 @@ def _stage_cases() -> list[StageCase]:
 CASES = _stage_cases()
 
 
+def _gpu_plan(shape: SRAShape, dtype: torch.dtype, mode: str, provider: str) -> Plan:
+    """The plan a CUDA call of ``provider`` makes (this GPU's, or with no GPU here any GPU's without data)."""
+    options = ATTENTION_OPTIONS[provider]
+    return plan_sra(Problem.of_shape(shape, dtype, mode == "fwd+bwd"), torch.device("cuda"), options["backend"],
+                    Options(fuse_projections=options.get("fuse_projections")))
+
+
 def _skip_reason(case: StageCase, dtype: torch.dtype, mode: str, provider: str) -> str | None:
-    if provider == "sra_kernels_projected" and not projected_attention_applies(case.shape.channels, dtype):
-        return "sra_kernels_projected: the fused-projection path runs for C <= 128 in fp16 / bf16 only"
+    if provider == "sra_kernels_projected":
+        plan = _gpu_plan(case.shape, dtype, mode, provider)
+        if plan.path != "fused_projections":
+            return f"sra_kernels_projected: the plan runs {plan.path} here ({plan.reason})"
     if CUDA:
         return None
+    if provider == "auto":
+        return "auto runs sdpa off CUDA: the sdpa row is that measurement"
     if provider.startswith("sra_kernels"):
         return "sra_kernels (triton) runs on CUDA only here: TRITON_INTERPRET is for tests, far too slow to time"
     if case.resolution not in CPU_RESOLUTIONS:
@@ -100,15 +115,18 @@ def _fields(case: StageCase, shape: SRAShape, dtype: torch.dtype, mode: str, cos
     return dict(kind="op", models=", ".join(case.models), resolution=case.resolution, stage=case.stage,
                 grid=shape.label, batch=shape.batch, N=shape.tokens, M=shape.reduced_tokens, C=shape.channels,
                 heads=shape.heads, sr_ratio=shape.sr_ratio, linear=shape.linear, dtype=dtype_name(dtype), mode=mode,
-                gflop=cost.fused.flops / 1e9, min_mb=cost.fused.bytes / 1e6, triton_mb=cost.triton.bytes / 1e6,
-                projected_mb=cost.projected.bytes / 1e6 if projected_attention_applies(shape.channels, dtype) else None,
+                gflop=cost.fused.flops / 1e9, min_mb=cost.fused.bytes / 1e6,
+                triton_mb=cost.cublas_projections.bytes / 1e6,
+                projected_mb=(cost.fused_projections.bytes / 1e6
+                              if _gpu_plan(shape, dtype, mode, "sra_kernels_projected").path == "fused_projections"
+                              else None),
                 unfused_mb=cost.unfused.bytes / 1e6, scores_mb=cost.score_matrix_bytes / 1e6)
 
 
-def _module(shape: SRAShape, dtype: torch.dtype, backend: str) -> SpatialReductionAttention:
+def _module(shape: SRAShape, dtype: torch.dtype, provider: str) -> SpatialReductionAttention:
     torch.manual_seed(0)
     module = SpatialReductionAttention(shape.channels, shape.heads, qkv_bias=True, sr_ratio=shape.sr_ratio,
-                                       linear=shape.linear, backend=backend)
+                                       linear=shape.linear, **ATTENTION_OPTIONS[provider])
     return module.to(DEVICE, dtype)
 
 
@@ -126,7 +144,7 @@ def _check_forward(out: torch.Tensor, module: SpatialReductionAttention, x: torc
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_sra_op(case, dtype, mode, provider, results, record, monkeypatch):
+def test_sra_op(case, dtype, mode, provider, results, record):
     gpu_cost = sra_attention_cost(case.shape, dtype, MODES[mode])
     results.costs.setdefault(f"{case.id} {dtype_name(dtype)} {mode}",
                              _fields(case, case.shape, dtype, mode, gpu_cost))
@@ -134,9 +152,7 @@ def test_sra_op(case, dtype, mode, provider, results, record, monkeypatch):
     if reason:
         results.skip(reason)
     shape = case.shape if CUDA else dataclasses.replace(case.shape, batch=CPU_BATCH)
-    if provider == "sra_kernels_projected":
-        monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
-    module = _module(shape, dtype, BACKENDS[provider])
+    module = _module(shape, dtype, provider)
     run = module
     if provider == "compiled":
         torch._dynamo.reset()
@@ -169,4 +185,5 @@ def test_sra_op(case, dtype, mode, provider, results, record, monkeypatch):
     cost = sra_attention_cost(shape, dtype, MODES[mode])
     record(f"{case.id} B{shape.batch} {dtype_name(dtype)} {mode}", provider, samples, cost=cost,
            peak_mem_mb=peak, gpu_ms=gpu_ms, compile_mode=COMPILE_MODE if provider == "compiled" else None,
+           path="sdpa" if provider == "compiled" else _gpu_plan(shape, dtype, mode, provider).path,
            **_fields(case, shape, dtype, mode, cost))

@@ -63,7 +63,7 @@ def bench_model(name: str, batch: int, img_size: tuple[int, int] = (224, 224), d
         if backend not in runnable:
             results.append(BenchResult(backend, error="unavailable here"))
             continue
-        model.set_backend(backend)
+        model.configure_attention(backend=backend)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

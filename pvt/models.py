@@ -48,12 +48,13 @@ class _PyramidBase(nn.Module):
         self.embed_dims = tuple(embed_dims)
         self.depths = tuple(depths)
 
-    def set_backend(self, backend: str) -> None:
-        """Run every attention of the model on ``backend`` (auto | reference | sdpa | triton)."""
+    def configure_attention(self, **options) -> None:
+        """Set options of every attention: ``backend`` (auto | reference | sdpa | triton), ``fuse_projections``,
+        ``deterministic``, ``autotune`` (see :func:`sra_kernels.sra_attention`)."""
         for module in self.modules():
             if isinstance(module, SpatialReductionAttention):
-                module.backend = backend
-        self.backend = backend
+                module.configure(**options)
+        self.backend = options.get("backend", self.backend)
 
 
 class PyramidVisionTransformer(_PyramidBase):

@@ -6,38 +6,49 @@ import os
 
 from torch import nn
 
+from sra_kernels.shapes import MODEL_STAGES
+
 from .checkpoints import load_checkpoint
 from .models import MixVisionTransformer, PyramidVisionTransformer, PyramidVisionTransformerV2
 
-_COMMON = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), qkv_bias=True, sr_ratios=(8, 4, 2, 1))
-_B0_DIMS = dict(embed_dims=(32, 64, 160, 256))
 _RATIOS_8844 = dict(mlp_ratios=(8, 8, 4, 4))
 _RATIOS_4444 = dict(mlp_ratios=(4, 4, 4, 4))
+_MIT = dict(**_RATIOS_4444, drop_path_rate=0.1)
+
+_FAMILIES: dict[str, tuple[type[nn.Module], dict]] = {
+    # PVT v1 (whai362/PVT classification/pvt.py)
+    "pvt_tiny": (PyramidVisionTransformer, {**_RATIOS_8844, "patch_size": 4, "depths": (2, 2, 2, 2)}),
+    "pvt_small": (PyramidVisionTransformer, {**_RATIOS_8844, "patch_size": 4, "depths": (3, 4, 6, 3)}),
+    "pvt_medium": (PyramidVisionTransformer, {**_RATIOS_8844, "patch_size": 4, "depths": (3, 4, 18, 3)}),
+    "pvt_large": (PyramidVisionTransformer, {**_RATIOS_8844, "patch_size": 4, "depths": (3, 8, 27, 3)}),
+    # PVT v2 (classification/pvt_v2.py)
+    "pvt_v2_b0": (PyramidVisionTransformerV2, {**_RATIOS_8844, "depths": (2, 2, 2, 2)}),
+    "pvt_v2_b1": (PyramidVisionTransformerV2, {**_RATIOS_8844, "depths": (2, 2, 2, 2)}),
+    "pvt_v2_b2": (PyramidVisionTransformerV2, {**_RATIOS_8844, "depths": (3, 4, 6, 3)}),
+    "pvt_v2_b3": (PyramidVisionTransformerV2, {**_RATIOS_8844, "depths": (3, 4, 18, 3)}),
+    "pvt_v2_b4": (PyramidVisionTransformerV2, {**_RATIOS_8844, "depths": (3, 8, 27, 3)}),
+    "pvt_v2_b5": (PyramidVisionTransformerV2, {**_RATIOS_4444, "depths": (3, 6, 40, 3)}),
+    "pvt_v2_b2_li": (PyramidVisionTransformerV2, {**_RATIOS_8844, "depths": (3, 4, 6, 3)}),
+    # SegFormer MiT encoders (NVlabs/SegFormer mmseg/models/backbones/mix_transformer.py)
+    "mit_b0": (MixVisionTransformer, {**_MIT, "depths": (2, 2, 2, 2)}),
+    "mit_b1": (MixVisionTransformer, {**_MIT, "depths": (2, 2, 2, 2)}),
+    "mit_b2": (MixVisionTransformer, {**_MIT, "depths": (3, 4, 6, 3)}),
+    "mit_b3": (MixVisionTransformer, {**_MIT, "depths": (3, 4, 18, 3)}),
+    "mit_b4": (MixVisionTransformer, {**_MIT, "depths": (3, 8, 27, 3)}),
+    "mit_b5": (MixVisionTransformer, {**_MIT, "depths": (3, 6, 40, 3)}),
+}
+
+
+def _attention_config(name: str) -> dict:
+    """The attention geometry of ``name`` from :data:`sra_kernels.shapes.MODEL_STAGES`, as constructor arguments."""
+    stages = MODEL_STAGES[name]
+    config = dict(embed_dims=stages.channels, num_heads=stages.heads, qkv_bias=True, sr_ratios=stages.sr_ratios)
+    return {**config, "linear": True} if stages.linear else config
+
 
 MODEL_CONFIGS: dict[str, tuple[type[nn.Module], dict]] = {
-    # PVT v1 (whai362/PVT classification/pvt.py)
-    "pvt_tiny": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (2, 2, 2, 2)}),
-    "pvt_small": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (3, 4, 6, 3)}),
-    "pvt_medium": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (3, 4, 18, 3)}),
-    "pvt_large": (PyramidVisionTransformer, {**_COMMON, **_RATIOS_8844, "patch_size": 4, "depths": (3, 8, 27, 3)}),
-    # PVT v2 (classification/pvt_v2.py)
-    "pvt_v2_b0": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, **_B0_DIMS, "depths": (2, 2, 2, 2)}),
-    "pvt_v2_b1": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (2, 2, 2, 2)}),
-    "pvt_v2_b2": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (3, 4, 6, 3)}),
-    "pvt_v2_b3": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (3, 4, 18, 3)}),
-    "pvt_v2_b4": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_8844, "depths": (3, 8, 27, 3)}),
-    "pvt_v2_b5": (PyramidVisionTransformerV2, {**_COMMON, **_RATIOS_4444, "depths": (3, 6, 40, 3)}),
-    "pvt_v2_b2_li": (PyramidVisionTransformerV2,
-                     {**_COMMON, **_RATIOS_8844, "depths": (3, 4, 6, 3), "linear": True}),
-    # SegFormer MiT encoders (NVlabs/SegFormer mmseg/models/backbones/mix_transformer.py)
-    "mit_b0": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, **_B0_DIMS, "depths": (2, 2, 2, 2),
-                                      "drop_path_rate": 0.1}),
-    "mit_b1": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (2, 2, 2, 2), "drop_path_rate": 0.1}),
-    "mit_b2": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 4, 6, 3), "drop_path_rate": 0.1}),
-    "mit_b3": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 4, 18, 3), "drop_path_rate": 0.1}),
-    "mit_b4": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 8, 27, 3), "drop_path_rate": 0.1}),
-    "mit_b5": (MixVisionTransformer, {**_COMMON, **_RATIOS_4444, "depths": (3, 6, 40, 3), "drop_path_rate": 0.1}),
-}
+    name: (cls, {**_attention_config(name), **config}) for name, (cls, config) in _FAMILIES.items()}
+"""Model name -> (class, constructor arguments): the official configurations."""
 
 
 def list_models() -> list[str]:

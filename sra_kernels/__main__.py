@@ -1,4 +1,6 @@
-"""``python -m sra_kernels``: versions, device, available backends and a quick self-check.
+"""``python -m sra_kernels``: versions, device, available backends and a quick self-check;
+``python -m sra_kernels --explain MODEL ...``: the path each attention stage takes, and why
+(:mod:`sra_kernels.explain`).
 
 The self-check runs one small PVT stage (pvt_v2 stage 2 shape, scaled down on CPU) on every
 available backend in fp32 and prints its largest error against the float64 reference and its time.
@@ -6,6 +8,7 @@ available backend in fp32 and prints its largest error against the float64 refer
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -13,8 +16,9 @@ import time
 
 import torch
 
-from . import __version__, reference
-from .dispatch import ENV_VAR, available_backends, interpreter_enabled
+from . import __version__, explain, reference
+from .dispatch import available_backends, interpreter_enabled
+from .options import ENV_BACKEND
 from .functional import sra_attention
 
 
@@ -31,7 +35,7 @@ def _versions() -> list[tuple[str, str]]:
         ("torch", torch.__version__),
         ("triton", triton_version),
         ("TRITON_INTERPRET", "1 (kernels run in Triton's CPU interpreter)" if interpreter_enabled() else "off"),
-        (ENV_VAR, os.environ.get(ENV_VAR, "(unset)")),
+        (ENV_BACKEND, os.environ.get(ENV_BACKEND, "(unset)")),
     ]
 
 
@@ -69,7 +73,12 @@ def self_check(device: torch.device) -> list[tuple[str, float, float]]:
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sra_kernels", description=__doc__.split("\n\n")[0])
+    explain.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.explain:
+        return explain.main(args)
     for name, value in _versions():
         print(f"{name:>19}: {value}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,31 +29,31 @@ Bytes (HBM traffic)
       those saved tensors, x twice and the weights once, writes and re-reads dK/dV (B, M, 2C) once,
       writes every weight gradient once and dx once, plus one more read and write of dx where the
       reduction path adds its part to the query path's. It is a floor for programs that do not
-      recompute: the ``projected`` path's one-kernel case (sr = 1 over <= 64 tokens, one block per
+      recompute: the ``fused_projections`` path's one-kernel case (sr = 1 over <= 64 tokens, one block per
       image) goes below it, since its k and v never leave the chip and x is read once.
     * ``unfused`` -- the eager PyTorch sequence of the reference backend (:mod:`sra_kernels.reference`):
       each op reads its inputs and writes its output once, including the materialised (B, h, N, M)
       score matrix three times over (q k^T, the scale, the softmax). Layout copies (head splits and
       merges, transposes) are not counted, so this is a lower bound of the eager traffic.
       ``SRACost.unfused_ops`` lists it op by op.
-    * ``triton`` -- what the ``triton`` backend moves today (fusion step 1, :mod:`sra_kernels.fused`):
-      the q / kv / out projections as cuBLAS GEMMs around the fused reduction and attention kernels,
-      each launch reading its inputs and writing its outputs once. The reduction kernel writes its
-      conv output and LayerNorm statistics and the attention its log-sum-exp in inference too; the
-      conv weight is re-laid out tap-major every call. Not counted: the fp32 dK/dV and conv-weight
-      partials of the deterministic backward (their number follows the launch plan and the GPU's SM
-      count; each is written once and read once). ``SRACost.triton_ops`` lists it launch by launch,
-      with ``kind`` "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other PyTorch kernels).
-    * ``projected`` -- the same for the opt-in fused-projection path (``SRA_KERNELS_FUSE_PROJECTIONS=1``,
-      C <= 128, fp16/bf16): the kv projection in the reduction kernel's epilogue, q and out projections
+    * ``cublas_projections`` and ``fused_projections`` -- what the ``triton`` backend's two paths move,
+      launch by launch as their plan (:func:`sra_kernels.plan.make_plan`) lists them, each launch
+      reading its inputs and writing its outputs once. ``cublas_projections``: the q / kv / out
+      projections as cuBLAS GEMMs around the fused reduction and attention kernels; the reduction
+      kernel writes its conv output and LayerNorm statistics and the attention its log-sum-exp in
+      inference too; the conv weight is re-laid out tap-major every call. ``fused_projections`` (C <=
+      128, fp16/bf16): the kv projection in the reduction kernel's epilogue, q and out projections
       inside the attention kernel, so in inference x is read once for the queries and the output
-      written once; training also writes q, o and the log-sum-exp, and its backward is step 1's.
-      With sr = 1 over at most 64 tokens, k and v are projected inside that kernel too (one launch;
-      the backward recomputes them with a GEMM).
-      Saving q and o rather than recomputing them is the cheaper choice while the backward is step 1's
-      kernels: recomputing q by a GEMM reads x and writes q (2 (B, N, C) passes) where saving it costs
-      one write in the forward; both then read q in the attention backward. o cannot be recomputed
-      short of a second attention forward.
+      written once; training also writes q, o and the log-sum-exp, and its backward is
+      ``cublas_projections``'s. With sr = 1 over at most 64 tokens, k and v are projected inside that
+      kernel too (one launch; the backward recomputes them with a GEMM). Not counted: the fp32 dK/dV
+      and conv-weight partials of the deterministic backward (their number follows the launch plan and
+      the GPU's SM count; each is written once and read once). ``SRACost.*_ops`` list them launch by
+      launch, with ``kind`` "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other PyTorch kernels).
+      Saving q and o rather than recomputing them is the cheaper choice while the backward is
+      ``cublas_projections``'s kernels: recomputing q by a GEMM reads x and writes q (2 (B, N, C) passes)
+      where saving it costs one write in the forward; both then read q in the attention backward. o
+      cannot be recomputed short of a second attention forward.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.projected_attention import keys_from_x_fit
-from .reference import LINEAR_POOL_SIZE
+from .plan import Problem, make_plan
+from .shapes import SRAShape
 
 MODES = ("forward", "backward", "forward+backward")
 """``forward`` is inference; ``backward`` the backward pass alone; ``forward+backward`` a training step
@@ -71,69 +71,6 @@ MODES = ("forward", "backward", "forward+backward")
 
 STAT_BYTES = 4
 """Bytes of one saved fp32 statistic (LayerNorm mean or rstd, log-sum-exp)."""
-
-
-@dataclass(frozen=True)
-class SRAShape:
-    """Geometry of one SRA call: x (batch, height*width [+ 1 cls token], channels)."""
-
-    batch: int
-    height: int
-    width: int
-    channels: int
-    heads: int
-    sr_ratio: int = 1
-    linear: bool = False
-    cls_token: bool = False
-
-    def __post_init__(self):
-        for name in ("batch", "height", "width", "channels", "heads", "sr_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.channels % self.heads:
-            raise ValueError(f"heads must divide channels, got channels={self.channels}, heads={self.heads}")
-        if self.cls_token and self.reduces:
-            raise ValueError("a cls token needs sr_ratio 1 and linear=False (PVT v1's last stage)")
-        if self.sr_ratio > min(self.size):
-            raise ValueError(f"sr_ratio {self.sr_ratio} exceeds the {self.label} token grid")
-
-    @property
-    def tokens(self) -> int:
-        """N: queries per image."""
-        return self.height * self.width + int(self.cls_token)
-
-    @property
-    def reduces(self) -> bool:
-        """True when keys/values come from a reduction (sr > 1 or linear), not from x itself."""
-        return self.linear or self.sr_ratio > 1
-
-    @property
-    def reduced_tokens(self) -> int:
-        """M: keys/values per image."""
-        if self.linear:
-            return LINEAR_POOL_SIZE * LINEAR_POOL_SIZE
-        if self.sr_ratio > 1:
-            return (self.height // self.sr_ratio) * (self.width // self.sr_ratio)
-        return self.tokens
-
-    @property
-    def head_dim(self) -> int:
-        return self.channels // self.heads
-
-    @property
-    def kernel(self) -> int:
-        """Reduction conv kernel size (1 in linear mode, sr_ratio otherwise)."""
-        return 1 if self.linear else self.sr_ratio
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """The ``size`` argument of ``sra_attention``: (H, W), or (1, N) with a cls token (as PVT v1 runs it)."""
-        return (1, self.tokens) if self.cls_token else (self.height, self.width)
-
-    @property
-    def label(self) -> str:
-        return f"{self.height}x{self.width}" + ("+cls" if self.cls_token else "")
 
 
 @dataclass(frozen=True)
@@ -167,12 +104,13 @@ class SRACost:
     fused: Cost
     unfused: Cost
     unfused_ops: tuple[tuple[str, Cost], ...]
-    triton: Cost
-    triton_ops: tuple[tuple[str, str, Cost], ...]
-    """(name, kind, cost) per launch of the triton backend; kind is "triton", "gemm" or "torch"."""
-    projected: Cost
-    projected_ops: tuple[tuple[str, str, Cost], ...]
-    """The same for the fused-projection path (which runs only for C <= 128 in fp16 / bf16)."""
+    cublas_projections: Cost
+    cublas_projections_ops: tuple[tuple[str, str, Cost], ...]
+    """(name, kind, cost) per launch of the ``cublas_projections`` path (:mod:`sra_kernels.plan`); kind is
+    "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other PyTorch kernels)."""
+    fused_projections: Cost
+    fused_projections_ops: tuple[tuple[str, str, Cost], ...]
+    """The same for the ``fused_projections`` path (which runs only for C <= 128 in fp16 / bf16)."""
     score_matrix_bytes: int
     """Size of one (B, h, N, M) score matrix in the dtype: what the eager reference materialises."""
 
@@ -357,110 +295,78 @@ Op = tuple[str, str, Cost]
 """(name, kind, cost) of one launch: kind "triton" (our kernels), "gemm" (cuBLAS) or "torch" (other kernels)."""
 
 
-def _reduction_forward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
-    """The reduction's launches: (pool,) tap-major weight copy, patch GEMM + LayerNorm (writes y, z, mean, rstd)."""
-    if not shape.reduces:
-        return []
-    B, M, C, k = shape.batch, shape.reduced_tokens, shape.channels, shape.kernel
+def _forward_launch_costs(shape: SRAShape, dtype: torch.dtype, training: bool) -> dict[str, Cost]:
+    """The cost of every forward launch a plan of :mod:`sra_kernels.plan` may name, by launch name.
+
+    The reduction writes y, z and the LayerNorm statistics and the attention its log-sum-exp in inference
+    too; the fused-projection kernels also write q, o and the log-sum-exp when ``training``; ``reduce_kv``
+    is the reduction with the kv projection in its epilogue (reads W_kv, b_kv, writes kv);
+    ``projected_self_attention`` projects k, v from its x tile (reads W_kv, b_kv instead of k, v).
+    """
+    B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
     e, x, reduced, reduction_input = _sizes(shape, dtype)
     weight = C * C * k * k
-    ops = [("pool", "triton", _pointwise(x, reduced, e))] if shape.linear else []
-    return ops + [("conv_weight_layout", "torch", _pointwise(weight, weight, e)),
-                  ("reduce", "triton", Cost(2 * B * M * weight, (reduction_input + weight + 3 * C) * e,
-                                            2 * reduced * e + 2 * B * M * STAT_BYTES))]
+    kv = _gemm_forward(B * M, C, 2 * C, e)
+    reduce = Cost(2 * B * M * weight, (reduction_input + weight + 3 * C) * e, 2 * reduced * e + 2 * B * M * STAT_BYTES)
+    saved = 2 * x * e + _lse_bytes(shape) if training else 0
+    projected_flops = 2 * (2 * B * N * C * C) + 4 * B * N * M * C
+    return {
+        "q": _gemm_forward(B * N, C, C, e),
+        "pool": _pointwise(x, reduced, e),
+        "conv_weight_layout": _pointwise(weight, weight, e),
+        "reduce": reduce,
+        "reduce_kv": reduce + Cost(kv.flops, (2 * C * C + 2 * C) * e, kv.bytes_written),
+        "kv": kv,
+        "attention": Cost(4 * B * N * M * C, (x + 2 * reduced) * e, x * e + _lse_bytes(shape)),
+        "proj": _gemm_forward(B * N, C, C, e),
+        "projected_attention": Cost(projected_flops, (x + 2 * reduced + 2 * (C * C + C)) * e, x * e + saved),
+        "projected_self_attention": Cost(projected_flops + kv.flops, (x + 4 * (C * C + C)) * e, x * e + saved),
+    }
 
 
-def _reduction_backward_ops(shape: SRAShape, dtype: torch.dtype, accumulate: bool) -> list[Op]:
-    """The reduction's backward launches; ``accumulate``: dx is added in place to the q path's dx
-    (``project_and_reduce``), else written on its own (zeros outside the patches) for autograd to sum."""
-    if not shape.reduces:
-        return []
-    B, M, C, k = shape.batch, shape.reduced_tokens, shape.channels, shape.kernel
+def _backward_launch_costs(shape: SRAShape, dtype: torch.dtype) -> dict[str, Cost]:
+    """The cost of every backward launch, by name (x and every weight need gradients).
+
+    The attention backward reads q, k, v, o, dO and the log-sum-exp and writes dq, dk, dv; the reduction's
+    LayerNorm/input kernel adds its dx into the q path's in place (reading it); ``kv_recompute`` is the
+    one-kernel path's k, v GEMM, and ``kv_bwd_into_dx`` its kv backward, which adds dkv W_kv into the q
+    path's dx (addmm: reads it once more); ``dx_sum`` adds the query and key/value paths' dx (sr = 1).
+    """
+    B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
     e, x, reduced, reduction_input = _sizes(shape, dtype)
     weight = C * C * k * k
     da = reduced if shape.linear else reduction_input  # the LayerNorm/input kernel's da: pooled cells or patches
-    da_read = da if accumulate and not shape.linear else 0
-    ops = [("conv_weight_layout", "torch", _pointwise(weight, weight, e)),
-           # LayerNorm (+ GELU) backward and da = dz w^T
-           ("reduce_bwd_input", "triton", Cost(2 * B * M * weight, (2 * reduced + weight + 2 * C + da_read) * e
-                                               + 2 * B * M * STAT_BYTES, (reduced + da) * e)),
-           ("conv_weight_grad", "triton", Cost(2 * B * M * weight, (da + reduced) * e, weight * e))]
-    if shape.linear:
-        ops += [("pool_bwd", "triton", _pointwise(reduced + (x if accumulate else 0), x, e))]
-    elif not accumulate and reduction_input < x:
-        ops += [("dx_zero_uncovered", "torch", _pointwise(0, x - reduction_input, e))]
-    return ops
+    da_read = 0 if shape.linear else da
+    kv_bwd = _gemm_backward(B * M, C, 2 * C, e)
+    return {
+        "proj_bwd": _gemm_backward(B * N, C, C, e),
+        "attention_bwd": Cost(10 * B * N * M * C, (3 * x + 2 * reduced) * e + _lse_bytes(shape), (x + 2 * reduced) * e),
+        "kv_bwd": kv_bwd,
+        "q_bwd": _gemm_backward(B * N, C, C, e),
+        "dx_sum": _pointwise(2 * x, x, e),
+        "conv_weight_layout": _pointwise(weight, weight, e),
+        "reduce_bwd_input": Cost(2 * B * M * weight, (2 * reduced + weight + 2 * C + da_read) * e
+                                 + 2 * B * M * STAT_BYTES, (reduced + da) * e),
+        "conv_weight_grad": Cost(2 * B * M * weight, (da + reduced) * e, weight * e),
+        "pool_bwd": _pointwise(reduced + x, x, e),
+        "kv_recompute": _gemm_forward(B * M, C, 2 * C, e),
+        "kv_bwd_into_dx": kv_bwd + Cost(0, x * e, 0),
+    }
 
 
-def _triton_forward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
-    """The triton backend's forward, launch by launch (module docstring, ``triton``)."""
-    B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
-    e, x, reduced, _ = _sizes(shape, dtype)
-    return ([("q", "gemm", _gemm_forward(B * N, C, C, e))] + _reduction_forward_ops(shape, dtype)
-            + [("kv", "gemm", _gemm_forward(B * M, C, 2 * C, e)),
-               ("attention", "triton", Cost(4 * B * N * M * C, (x + 2 * reduced) * e, x * e + _lse_bytes(shape))),
-               ("proj", "gemm", _gemm_forward(B * N, C, C, e))])
-
-
-def _projection_and_attention_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
-    """proj backward, attention backward (reads q, k, v, o, dO, lse; writes dq, dk, dv), kv and q backward."""
-    B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
-    e, x, reduced, _ = _sizes(shape, dtype)
-    return [("proj_bwd", "gemm", _gemm_backward(B * N, C, C, e)),
-            ("attention_bwd", "triton", Cost(10 * B * N * M * C, (3 * x + 2 * reduced) * e + _lse_bytes(shape),
-                                             (x + 2 * reduced) * e)),
-            ("kv_bwd", "gemm", _gemm_backward(B * M, C, 2 * C, e)),
-            ("q_bwd", "gemm", _gemm_backward(B * N, C, C, e))]
-
-
-def _triton_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
-    """The triton backend's backward, launch by launch (x and every weight need gradients)."""
-    e, x, _, _ = _sizes(shape, dtype)
-    ops = _projection_and_attention_backward_ops(shape, dtype)
-    if not shape.reduces:
-        return ops + [("dx_sum", "torch", _pointwise(2 * x, x, e))]  # x feeds the query and the key/value path
-    return ops + _reduction_backward_ops(shape, dtype, accumulate=True)
-
-
-def _projected_forward_ops(shape: SRAShape, dtype: torch.dtype, training: bool) -> list[Op]:
-    """The fused-projection path's forward (``SRA_KERNELS_FUSE_PROJECTIONS=1``): the reduction with the kv
-    projection in its epilogue (reads W_kv, b_kv, writes kv too; a kv GEMM when sr = 1), then one kernel
-    that reads x, k, v and the q / proj weights and writes the output (+ q, o and lse in training). sr = 1
-    over <= 64 tokens: that one kernel projects k and v from its x tile (reads W_kv, b_kv instead of k, v)."""
-    B, N, M, C = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels
-    e, x, reduced, _ = _sizes(shape, dtype)
-    kv = _gemm_forward(B * M, C, 2 * C, e)
-    saved = 2 * x * e + _lse_bytes(shape) if training else 0
-    flops = 2 * (2 * B * N * C * C) + 4 * B * N * M * C
-    if _projects_keys_in_kernel(shape):
-        return [("projected_self_attention", "triton",
-                 Cost(flops + kv.flops, (x + 4 * (C * C + C)) * e, x * e + saved))]
-    if shape.reduces:
-        *ops, (name, kind, reduce) = _reduction_forward_ops(shape, dtype)
-        ops += [(name, kind, reduce + Cost(kv.flops, (2 * C * C + 2 * C) * e, kv.bytes_written))]
-    else:
-        ops = [("kv", "gemm", kv)]
-    return ops + [("projected_attention", "triton",
-                   Cost(flops, (x + 2 * reduced + 2 * (C * C + C)) * e, x * e + saved))]
-
-
-def _projects_keys_in_kernel(shape: SRAShape) -> bool:
-    """sr = 1 over <= 64 tokens: one block holds queries and keys."""
-    return not shape.reduces and keys_from_x_fit(shape.tokens)
-
-
-def _projected_backward_ops(shape: SRAShape, dtype: torch.dtype) -> list[Op]:
-    """The fused-projection path's backward: step 1's kernels (with a reduction, its dx is added into the q
-    path's in place, as in step 1). The one-kernel sr = 1 path first recomputes k, v with a GEMM (it saved
-    neither) and adds dkv W_kv into the q path's dx (addmm: reads it once more); a longer sr = 1 input takes
-    step 1's backward, autograd summing the two dx."""
-    B, M, C = shape.batch, shape.reduced_tokens, shape.channels
-    e, x, _, _ = _sizes(shape, dtype)
-    if not _projects_keys_in_kernel(shape):
-        return _triton_backward_ops(shape, dtype)
-    *ops, (kv_name, kind, kv_cost), q = _projection_and_attention_backward_ops(shape, dtype)
-    return ([("kv_recompute", "gemm", _gemm_forward(B * M, C, 2 * C, e))] + ops
-            + [q, (kv_name, kind, kv_cost + Cost(0, x * e, 0))])
+def path_ops(path: str, shape: SRAShape, dtype: torch.dtype, mode: str = "forward") -> tuple[Op, ...]:
+    """The launches of ``path`` (a triton path of :mod:`sra_kernels.plan`) on ``shape`` in ``dtype``, priced."""
+    _check_mode(mode)
+    training = mode != "forward"
+    plan = make_plan(path, Problem.of_shape(shape, dtype, backward=training), True, "cost model")
+    ops = []
+    if mode in ("forward", "forward+backward"):
+        costs = _forward_launch_costs(shape, dtype, training)
+        ops += [(launch.name, launch.kind, costs[launch.name]) for launch in plan.forward]
+    if mode in ("backward", "forward+backward"):
+        costs = _backward_launch_costs(shape, dtype)
+        ops += [(launch.name, launch.kind, costs[launch.name]) for launch in plan.backward]
+    return tuple(ops)
 
 
 def sra_attention_cost(shape: SRAShape, dtype: torch.dtype = torch.bfloat16, mode: str = "forward") -> SRACost:
@@ -471,63 +377,15 @@ def sra_attention_cost(shape: SRAShape, dtype: torch.dtype = torch.bfloat16, mod
     """
     _check_mode(mode)
     e = dtype.itemsize
-    ops, triton_ops, projected_ops = [], [], []
+    ops = []
     if mode in ("forward", "forward+backward"):
         ops += _eager_forward_ops(shape, e)
-        triton_ops += _triton_forward_ops(shape, dtype)
-        projected_ops += _projected_forward_ops(shape, dtype, training=mode != "forward")
     if mode in ("backward", "forward+backward"):
         ops += _eager_backward_ops(shape, e)
-        triton_ops += _triton_backward_ops(shape, dtype)
-        projected_ops += _projected_backward_ops(shape, dtype)
     unfused = _total(cost for _, cost in ops)
     recompute = 2 * shape.batch * shape.tokens * shape.reduced_tokens * shape.channels if mode != "forward" else 0
     fused = _fused_ideal(shape, dtype, mode, unfused.flops + recompute)
     score_matrix = shape.batch * shape.heads * shape.tokens * shape.reduced_tokens * e
-    return SRACost(shape, dtype, mode, fused, unfused, tuple(ops), _total(cost for _, _, cost in triton_ops),
-                   tuple(triton_ops), _total(cost for _, _, cost in projected_ops), tuple(projected_ops), score_matrix)
-
-
-# Attention geometry of the PVT families (channels, heads and sr ratios of stages 1-4).
-_PVT_HEADS = (1, 2, 5, 8)
-_PVT_SR = (8, 4, 2, 1)
-_PVT_DIMS = (64, 128, 320, 512)
-_STAGE_CONFIGS = {
-    **{f"pvt_{size}": ("v1", _PVT_DIMS, False) for size in ("tiny", "small", "medium", "large")},
-    "pvt_v2_b0": ("v2", (32, 64, 160, 256), False),
-    **{f"pvt_v2_b{i}": ("v2", _PVT_DIMS, False) for i in range(1, 6)},
-    "pvt_v2_b2_li": ("v2", _PVT_DIMS, True),
-}
-STAGE_MODELS = tuple(sorted(_STAGE_CONFIGS))
-"""Model names :func:`model_stages` knows."""
-
-
-def _stage_grids(family: str, height: int, width: int) -> list[tuple[int, int]]:
-    """Token grid of each stage: the patch-embedding conv's output size (n + 2*pad - k) // s + 1.
-
-    v1: non-overlapping patches, k = s = 4 then 2, no padding (floor). v2: overlapping patches,
-    k=7, s=4, pad=3 then k=3, s=2, pad=1 (ceil).
-    """
-    convs = [(4, 4, 0)] + [(2, 2, 0)] * 3 if family == "v1" else [(7, 4, 3)] + [(3, 2, 1)] * 3
-    grids = []
-    for kernel, stride, pad in convs:
-        height, width = ((n + 2 * pad - kernel) // stride + 1 for n in (height, width))
-        grids.append((height, width))
-    return grids
-
-
-def model_stages(model: str, image_size: int | tuple[int, int], batch: int = 1) -> tuple[SRAShape, ...]:
-    """The attention shape of each of the 4 stages of ``model`` for (batch, 3, *image_size) images.
-
-    PVT v1's last stage carries the cls token (N = H*W + 1, sr 1). Every block of a stage has the
-    same shape; the stage's depth does not matter here.
-    """
-    if model not in _STAGE_CONFIGS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(STAGE_MODELS)}")
-    family, dims, linear = _STAGE_CONFIGS[model]
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    grids = _stage_grids(family, height, width)
-    return tuple(
-        SRAShape(batch, h, w, dims[i], _PVT_HEADS[i], _PVT_SR[i], linear, cls_token=(family == "v1" and i == 3))
-        for i, (h, w) in enumerate(grids)
-    )
+    cublas_ops, fused_ops = (path_ops(path, shape, dtype, mode) for path in ("cublas_projections", "fused_projections"))
+    return SRACost(shape, dtype, mode, fused, unfused, tuple(ops), _total(cost for _, _, cost in cublas_ops),
+                   cublas_ops, _total(cost for _, _, cost in fused_ops), fused_ops, score_matrix)

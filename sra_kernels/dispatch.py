@@ -1,13 +1,6 @@
-"""Backend choice for the SRA op: ``reference``, ``sdpa`` or ``triton``.
-
-* ``reference`` -- the exact PVT math (:mod:`sra_kernels.reference`), the ground truth;
-* ``sdpa`` -- the same math in its fastest pure-PyTorch form (Conv2d + LayerNorm +
-  ``F.scaled_dot_product_attention``, as timm runs it);
-* ``triton`` -- our fused kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-
-``auto`` resolves to ``$SRA_KERNELS_BACKEND`` when set, else ``triton`` for CUDA tensors (when
-Triton is importable) and ``sdpa`` otherwise.
-"""
+"""Which backends run where: ``reference`` and ``sdpa`` everywhere; ``triton`` (our fused kernels) on CUDA
+tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. Which one a call takes is :mod:`sra_kernels.plan`'s
+business."""
 
 from __future__ import annotations
 
@@ -15,9 +8,6 @@ import importlib.util
 import os
 
 import torch
-
-BACKENDS = ("reference", "sdpa", "triton")
-ENV_VAR = "SRA_KERNELS_BACKEND"
 
 
 def interpreter_enabled() -> bool:
@@ -50,25 +40,3 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     if triton_unavailable_reason(device) is None:
         backends.append("triton")
     return backends
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn a requested backend (or ``auto``) into one that runs on ``device``, or raise."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "").strip() or "auto"
-        if backend == "auto":
-            if device.type == "cuda" and TRITON_INSTALLED:
-                return "triton"
-            return "sdpa"
-        source = f"the environment variable {ENV_VAR}"
-    else:
-        source = "backend"
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend 'triton' cannot run here: {reason}")
-    return backend

@@ -1,44 +1,92 @@
 """The public ops -- ``sra_attention`` and its fused building blocks ``spatial_reduce`` and
-``reduced_kv_attention`` -- validated and dispatched to a backend."""
+``reduced_kv_attention`` -- validated, planned by :mod:`sra_kernels.plan` and run."""
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .dispatch import resolve_backend
+from . import autotune, options as call_options, reference
+from .plan import Plan, Problem, building_block_backend, make_plan, plan_sra
+from .reference import LINEAR_POOL_SIZE
 from .torch_sdpa import reduced_kv_attention_sdpa, sra_attention_sdpa
-from .validation import (
-    KERNEL_DTYPES,
-    KERNEL_MAX_HEAD_DIM,
-    check_attention_args,
-    check_spatial_reduction_args,
-    check_sra_args,
-)
+from .validation import check_attention_args, check_probability, check_spatial_reduction_args, check_sra_args
+from .weights import SRAWeights
 
 try:
     from . import fused
-except ModuleNotFoundError as error:  # no Triton (e.g. not Linux): resolve_backend refuses "triton"
+except ModuleNotFoundError as error:  # no Triton (e.g. not Linux): the plan never picks a triton path
     if error.name != "triton":
         raise
     fused = None
 
+_PLANS: dict[tuple, Plan] = {}
+"""Eager calls' plans by (problem, device, backend, options, dropout, defaults): planned once per key."""
 
-def _resolve(backend: str, x: torch.Tensor, head_dim: int | None = None) -> str:
-    """The backend to run. What the kernels cannot take (fp64, head_dim > 128) falls back to ``sdpa``
-    under ``auto`` and raises a ValueError when ``triton`` was asked for by name."""
-    resolved = resolve_backend(backend, x.device)
-    if resolved != "triton":
-        return resolved
-    if x.dtype not in KERNEL_DTYPES:
-        problem = f"inputs must be fp32, fp16 or bf16 for backend 'triton', got {x.dtype}"
-    elif head_dim is not None and head_dim > KERNEL_MAX_HEAD_DIM:
-        problem = f"head_dim (C // num_heads) must be <= {KERNEL_MAX_HEAD_DIM} for backend 'triton', got {head_dim}"
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels will see: autocast's when it is on (it leaves fp64 alone), else x's."""
+    device = x.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _problem(x: torch.Tensor, size, weights: SRAWeights, num_heads: int, sr_ratio: int, linear: bool) -> Problem:
+    H, W = size
+    B, N, C = x.shape
+    if linear:
+        M = LINEAR_POOL_SIZE * LINEAR_POOL_SIZE
     else:
-        return resolved
-    if backend == "auto":
-        return "sdpa"
-    raise ValueError(problem)
+        M = (H // sr_ratio) * (W // sr_ratio) if sr_ratio > 1 else N
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
+    return Problem(B, N, M, C, num_heads, sr_ratio, linear, _compute_dtype(x), backward)
+
+
+def _run(plan: Plan, x: torch.Tensor, size, weights: SRAWeights, kwargs, dropout_p: float) -> torch.Tensor:
+    if plan.path == "reference":
+        return reference.sra_attention(x, size, *weights, **kwargs)
+    if plan.path == "sdpa":
+        return sra_attention_sdpa(x, size, *weights, **kwargs, dropout_p=dropout_p)
+    return fused.sra_attention_triton(x, size, weights, **kwargs, plan=plan)
+
+
+def _measurer(problem: Problem, x, size, weights: SRAWeights, kwargs, deterministic: bool):
+    """``measure(path) -> seconds`` of this call on ``path``, on detached copies of its inputs (forward, and
+    backward through every input that requires grad when the call will be differentiated)."""
+
+    def measure(path: str) -> float:
+        plan = make_plan(path, problem, deterministic, "autotune candidate")
+        x_copy, *copies = (t if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, *weights))
+        wanted = [t for t in (x_copy, *copies) if t is not None and t.requires_grad]
+
+        def call():
+            out = _run(plan, x_copy, size, SRAWeights(*copies), kwargs, 0.0)
+            if problem.backward:
+                torch.autograd.grad(out, wanted, torch.ones_like(out))
+
+        return autotune.time_call(call, x.device)
+
+    return measure
+
+
+def plan_call(x: torch.Tensor, size, weights: SRAWeights, kwargs, backend: str, options: call_options.Options,
+              dropout_p: float) -> Plan:
+    """The plan of one validated ``sra_attention`` call: cached per key in eager mode; under torch.compile
+    made while the graph is traced."""
+    problem = _problem(x, size, weights, kwargs["num_heads"], kwargs["sr_ratio"], kwargs["linear"])
+    device = x.device
+    defaults = call_options.DEFAULTS
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        return plan_sra(problem, device, backend, options, dropout_p=dropout_p, compiling=True, defaults=defaults)
+    key = (problem, device, backend, options, dropout_p > 0, defaults)
+    plan = _PLANS.get(key)
+    if plan is None:
+        measure = _measurer(problem, x, size, weights, kwargs, options.deterministic) if options.autotune else None
+        plan = plan_sra(problem, device, backend, options, dropout_p=dropout_p, measure=measure, defaults=defaults)
+        if not options.autotune or plan.reason.startswith("autotune"):  # else retried once the tuner may time
+            _PLANS[key] = plan
+    return plan
 
 
 def sra_attention(
@@ -60,7 +108,11 @@ def sra_attention(
     linear: bool = False,
     eps: float = 1e-5,
     scale: float | None = None,
+    dropout_p: float = 0.0,
     backend: str = "auto",
+    fuse_projections: bool | None = None,
+    deterministic: bool | None = None,
+    autotune: bool | None = None,
 ) -> torch.Tensor:
     """Spatial-reduction attention of PVT v1/v2 (SegFormer's efficient self-attention).
 
@@ -83,8 +135,18 @@ def sra_attention(
         linear: PVTv2 linear SRA (pool to 7x7; sr_ratio is then unused by the math).
         eps: LayerNorm epsilon (PVT's ``attn.norm`` uses 1e-5).
         scale: softmax scale, default head_dim ** -0.5.
-        backend: ``auto`` | ``reference`` | ``sdpa`` | ``triton`` (see :mod:`sra_kernels.dispatch`);
-            ``auto`` runs ``sdpa`` where the kernels cannot (fp64, head_dim > 128).
+        dropout_p: attention-probability dropout (training); > 0 runs the ``sdpa`` path, which applies it.
+        backend: ``auto`` | ``reference`` | ``sdpa`` | ``triton``. ``auto`` runs, per call, the path measured
+            fastest for this shape on this GPU (``sdpa`` where there is no measurement, off CUDA, and where
+            the kernels cannot run: fp64, head_dim > 128); ``triton`` forces our kernels. See
+            :mod:`sra_kernels.plan`; ``python -m sra_kernels --explain MODEL`` prints the choice per stage.
+        fuse_projections: True: the q / kv / out projections inside our kernels wherever they apply (C <= 128,
+            fp16 / bf16); False: never; None (default): the policy decides.
+        deterministic: the attention backward sums dK/dV in a fixed order (default True); False: fp32 atomics.
+        autotune: time the candidate paths on the first call of each new shape and keep the fastest
+            (:mod:`sra_kernels.autotune`); default False.
+            Each of the last three: None takes the default of :mod:`sra_kernels.options` (from the environment
+            at import).
 
     Returns:
         (B, N, C) in x's dtype.
@@ -98,16 +160,13 @@ def sra_attention(
         sr_weight, sr_bias, norm_weight, norm_bias,
         num_heads=num_heads, sr_ratio=sr_ratio, linear=linear, eps=eps, scale=scale,
     )
-    implementation = {
-        "reference": reference.sra_attention,
-        "sdpa": sra_attention_sdpa,
-        "triton": fused and fused.sra_attention_triton,
-    }[_resolve(backend, x, x.shape[-1] // num_heads)]
-    return implementation(
-        x, size, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
-        sr_weight, sr_bias, norm_weight, norm_bias,
-        num_heads=num_heads, sr_ratio=sr_ratio, linear=linear, eps=eps, scale=scale,
-    )
+    dropout_p = check_probability("dropout_p", dropout_p)
+    options = call_options.resolve(fuse_projections, deterministic, autotune, call_options.DEFAULTS)
+    weights = SRAWeights(q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias,
+                         sr_weight, sr_bias, norm_weight, norm_bias)
+    kwargs = dict(num_heads=num_heads, sr_ratio=sr_ratio, linear=linear, eps=eps, scale=scale)
+    plan = plan_call(x, size, weights, kwargs, backend, options, dropout_p)
+    return _run(plan, x, size, weights, kwargs, dropout_p)
 
 
 def spatial_reduce(
@@ -138,8 +197,8 @@ def spatial_reduce(
     """
     H, W, sr_ratio, eps = check_spatial_reduction_args(x, size, sr_weight, sr_bias, norm_weight, norm_bias,
                                                        sr_ratio=sr_ratio, linear=linear, eps=eps)
-    implementation = (fused.spatial_reduce_triton if _resolve(backend, x) == "triton"
-                      else reference.spatial_reduction)
+    chosen = building_block_backend(backend, x.device, x.dtype, defaults=call_options.DEFAULTS)
+    implementation = fused.spatial_reduce_triton if chosen == "triton" else reference.spatial_reduction
     return implementation(x, (H, W), sr_weight, sr_bias, norm_weight, norm_bias,
                           sr_ratio=sr_ratio, linear=linear, eps=eps)
 
@@ -163,5 +222,5 @@ def reduced_kv_attention(
         "reference": reference.reduced_kv_attention,
         "sdpa": reduced_kv_attention_sdpa,
         "triton": fused and fused.reduced_kv_attention_triton,
-    }[_resolve(backend, q, q.shape[-1])]
+    }[building_block_backend(backend, q.device, q.dtype, q.shape[-1], defaults=call_options.DEFAULTS)]
     return implementation(q, k, v, scale)

@@ -9,8 +9,6 @@ from torch import nn
 
 from .functional import sra_attention
 from .reference import LINEAR_POOL_SIZE
-from .torch_sdpa import sra_attention_sdpa
-from .validation import check_sra_args
 
 
 class SpatialReductionAttention(nn.Module):
@@ -20,13 +18,16 @@ class SpatialReductionAttention(nn.Module):
     parameter-free ``pool``/``act`` in linear mode) -- so official and timm state dicts load with
     ``strict=True``. ``forward(x, H, W)`` maps tokens (B, N=H*W, C) to (B, N, C).
 
-    Attention dropout (``attn_drop > 0``) while training runs the ``sdpa`` backend, whose fused
-    attention applies the dropout; everything else runs ``backend`` (see :func:`sra_attention`).
+    ``backend``, ``fuse_projections``, ``deterministic`` and ``autotune`` are :func:`sra_attention`'s options,
+    kept as attributes (change them at any time; a torch.compile'd module recompiles for the new value).
+    Attention dropout (``attn_drop > 0``) while training runs the ``sdpa`` path, whose fused attention
+    applies it.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, sr_ratio: int = 1, linear: bool = False,
-                 norm_eps: float = 1e-5, backend: str = "auto"):
+                 norm_eps: float = 1e-5, backend: str = "auto", fuse_projections: bool | None = None,
+                 deterministic: bool | None = None, autotune: bool | None = None):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
@@ -42,6 +43,9 @@ class SpatialReductionAttention(nn.Module):
         self.sr_ratio = sr_ratio
         self.norm_eps = norm_eps
         self.backend = backend
+        self.fuse_projections = fuse_projections
+        self.deterministic = deterministic
+        self.autotune = autotune
         if linear:
             self.pool = nn.AdaptiveAvgPool2d(LINEAR_POOL_SIZE)
             self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
@@ -80,15 +84,24 @@ class SpatialReductionAttention(nn.Module):
             None if sr is None else sr.weight, None if sr is None else sr.bias,
             None if norm is None else norm.weight, None if norm is None else norm.bias,
         )
-        kwargs = dict(num_heads=self.num_heads, sr_ratio=self.sr_ratio, linear=self.linear,
-                      eps=self.norm_eps if norm is None else norm.eps, scale=self.scale)
-        if self.training and self.attn_drop.p > 0:
-            check_sra_args(*args, **kwargs)
-            out = sra_attention_sdpa(*args, **kwargs, dropout_p=self.attn_drop.p)
-        else:
-            out = sra_attention(*args, **kwargs, backend=self.backend)
+        out = sra_attention(
+            *args, num_heads=self.num_heads, sr_ratio=self.sr_ratio, linear=self.linear,
+            eps=self.norm_eps if norm is None else norm.eps, scale=self.scale,
+            dropout_p=self.attn_drop.p if self.training else 0.0, backend=self.backend,
+            fuse_projections=self.fuse_projections, deterministic=self.deterministic, autotune=self.autotune)
         return self.proj_drop(out)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, "
                 f"linear={self.linear}, backend={self.backend!r}")
+
+    def configure(self, **options) -> None:
+        """Set any of ``backend``, ``fuse_projections``, ``deterministic``, ``autotune`` (see :func:`sra_attention`)."""
+        for name, value in options.items():
+            if name not in ATTENTION_OPTIONS:
+                raise TypeError(f"unknown attention option {name!r}; options: {', '.join(ATTENTION_OPTIONS)}")
+            setattr(self, name, value)
+
+
+ATTENTION_OPTIONS = ("backend", "fuse_projections", "deterministic", "autotune")
+"""What :meth:`SpatialReductionAttention.configure` sets."""

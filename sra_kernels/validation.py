@@ -19,6 +19,16 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_HEAD_DIM = 128
 """Largest head_dim of the Triton attention kernels (PVT uses 64; larger tiles spill registers)."""
 
+FUSED_PROJECTIONS_MAX_CHANNELS = 128
+"""Widest x of the fused-projection kernels: one program keeps a (64, C) block of x and of the output on chip."""
+
+FUSED_PROJECTIONS_DTYPES = (torch.float16, torch.bfloat16)
+"""Where the fused-projection path runs: in fp32 the dots run on FMA units and its tiles spill
+(tests/gpu_compile.py)."""
+
+ONE_KERNEL_MAX_TOKENS = 64
+"""sr = 1 over at most this many tokens: one block holds queries and keys, so k, v are projected in the kernel."""
+
 
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
@@ -43,6 +53,15 @@ def check_positive_float(name: str, value) -> float:
         raise TypeError(f"{name} must be a float, got {_describe(value)}")
     if not (0 < float(value) < float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_probability(name: str, value) -> float:
+    """A real number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {_describe(value)}")
+    if not 0 <= float(value) < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
     return float(value)
 
 

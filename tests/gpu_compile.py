@@ -194,17 +194,21 @@ def _run_attention(B, N, M, h, d, deterministic, dtype) -> str:
 
 
 def _run_projected(B, N, M, C, h, save, dtype) -> str:
-    """projected_attention_forward on meta tensors (k, v halves of a (B, M, 2, h, d) projection), or with M = N
-    projected_self_attention_forward (k, v projected in the kernel) where it takes C; the case label."""
+    """projected_attention_forward on meta tensors (k, v halves of a (B, M, 2, h, d) projection), or, where the
+    plan of sr = 1 (M = N) routes to one kernel and the kernel takes C, projected_self_attention_forward (k, v
+    projected in the kernel); the case label."""
     from sra_kernels.ops.projected_attention import (
         projected_attention_forward,
         projected_self_attention_forward,
         self_attention_max_channels,
     )
+    from sra_kernels.plan import Problem, make_plan
 
     meta = dict(device="meta", dtype=dtype)
     x, weight, bias = torch.empty(B, N, C, **meta), torch.empty(C, C, **meta), torch.empty(C, **meta)
-    if M == N and C <= self_attention_max_channels(dtype):
+    sr = 1 if M == N else 2  # any reducing ratio: the route only asks whether keys come from x
+    route = make_plan("fused_projections", Problem(B, N, M, C, h, sr, False, dtype, save), True, "compile case").route
+    if route == "project_attend_self" and C <= self_attention_max_channels(dtype):
         kv_weight, kv_bias = torch.empty(2 * C, C, **meta), torch.empty(2 * C, **meta)
         projected_self_attention_forward(x, weight, bias, kv_weight, kv_bias, weight, bias, h, (C // h) ** -0.5, save)
     else:

@@ -9,9 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from sra_kernels import SpatialReductionAttention
-from sra_kernels.cost import (
-    MODES, Cost, SRAShape, attention_cost, model_stages, spatial_reduce_cost, sra_attention_cost,
-)
+from sra_kernels.cost import MODES, Cost, attention_cost, spatial_reduce_cost, sra_attention_cost
+from sra_kernels.shapes import SRAShape, model_stages
 
 aten = torch.ops.aten
 
@@ -171,14 +170,14 @@ def test_triton_path_bytes_by_hand():
     cost = sra_attention_cost(shape, torch.bfloat16, "forward")
     read = (5152 + 4096 + 8288 + 3136 + 6144 + 5152) * 2
     written = (4096 + 4096 + 2048 + 2048 + 4096 + 4096) * 2 + 256 + 512
-    assert cost.triton == Cost(cost.unfused.flops, read, written)
-    assert [name for name, _, _ in cost.triton_ops] == ["q", "conv_weight_layout", "reduce", "kv", "attention", "proj"]
+    assert cost.cublas_projections == Cost(cost.unfused.flops, read, written)
+    assert [name for name, _, _ in cost.cublas_projections_ops] == ["q", "conv_weight_layout", "reduce", "kv", "attention", "proj"]
     # fused projections, inference: the reduction also reads W_kv, b_kv (2048 + 64) and writes kv (2048);
     # one kernel reads x, k, v and both weights + biases (4096 + 2048 + 2112) and writes the output (4096)
     read = (4096 + 8288 + 2112 + 8256) * 2
     written = (4096 + 2048 + 2048 + 4096) * 2 + 256
-    assert cost.projected == Cost(cost.unfused.flops, read, written)
-    assert [name for name, _, _ in cost.projected_ops] == ["conv_weight_layout", "reduce", "projected_attention"]
+    assert cost.fused_projections == Cost(cost.unfused.flops, read, written)
+    assert [name for name, _, _ in cost.fused_projections_ops] == ["conv_weight_layout", "reduce_kv", "projected_attention"]
 
 
 def test_one_kernel_self_attention_bytes_by_hand():
@@ -187,28 +186,28 @@ def test_one_kernel_self_attention_bytes_by_hand():
     backward first recomputes k, v by a GEMM. 9x8 = 72 tokens take the kv GEMM first."""
     shape = SRAShape(2, 7, 7, 32, 2)
     cost = sra_attention_cost(shape, torch.bfloat16, "forward")
-    assert cost.projected == Cost(cost.unfused.flops, (3136 + 4224) * 2, 3136 * 2)
-    assert [name for name, _, _ in cost.projected_ops] == ["projected_self_attention"]
-    assert cost.projected.bytes < cost.fused.bytes  # below the no-recompute floor: k, v never leave the chip
-    training = sra_attention_cost(shape, torch.bfloat16, "forward+backward").projected_ops
+    assert cost.fused_projections == Cost(cost.unfused.flops, (3136 + 4224) * 2, 3136 * 2)
+    assert [name for name, _, _ in cost.fused_projections_ops] == ["projected_self_attention"]
+    assert cost.fused_projections.bytes < cost.fused.bytes  # below the no-recompute floor: k, v never leave the chip
+    training = sra_attention_cost(shape, torch.bfloat16, "forward+backward").fused_projections_ops
     assert [name for name, _, _ in training][:3] == ["projected_self_attention", "kv_recompute", "proj_bwd"]
-    longer = sra_attention_cost(SRAShape(2, 9, 8, 32, 2), torch.bfloat16, "forward").projected_ops
+    longer = sra_attention_cost(SRAShape(2, 9, 8, 32, 2), torch.bfloat16, "forward").fused_projections_ops
     assert [name for name, _, _ in longer] == ["kv", "projected_attention"]
 
 
 @pytest.mark.parametrize("model", ["pvt_v2_b2", "pvt_small"])
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_path_lies_between_the_floor_and_eager(model, mode):
-    """Every PVT stage at 224x224 and 512x512: fused floor < triton backend today < eager sequence; the
-    fused-projection path (C <= 128) between the floor and step 1, near the floor in inference."""
+    """Every PVT stage at 224x224 and 512x512: fused floor < cublas_projections < eager sequence; the
+    fused-projection path (C <= 128) between the floor and cublas_projections, near the floor in inference."""
     for size, batch in ((224, 64), (512, 16)):
         for shape in model_stages(model, size, batch):
             cost = sra_attention_cost(shape, torch.bfloat16, mode)
-            assert cost.fused.bytes < cost.triton.bytes < cost.unfused.bytes, (shape, mode)
+            assert cost.fused.bytes < cost.cublas_projections.bytes < cost.unfused.bytes, (shape, mode)
             if shape.channels > 128:
                 continue  # the fused-projection path runs for C <= 128 only
-            assert cost.fused.bytes <= cost.projected.bytes, (shape, mode)
-            if mode == "forward":  # inference: within 25% of the floor, at most 60% of step 1's bytes
-                assert cost.projected.bytes <= min(1.25 * cost.fused.bytes, 0.6 * cost.triton.bytes), shape
+            assert cost.fused.bytes <= cost.fused_projections.bytes, (shape, mode)
+            if mode == "forward":  # inference: within 25% of the floor, at most 60% of cublas_projections' bytes
+                assert cost.fused_projections.bytes <= min(1.25 * cost.fused.bytes, 0.6 * cost.cublas_projections.bytes), shape
             elif mode == "forward+backward":  # training: the forward's savings, less q and o saved for the backward
-                assert cost.projected.bytes < 0.95 * cost.triton.bytes, shape
+                assert cost.fused_projections.bytes < 0.95 * cost.cublas_projections.bytes, shape

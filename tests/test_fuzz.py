@@ -1,8 +1,7 @@
 """Hypothesis fuzzing of the triton backend over random SRA shapes: forward and dx against the
-float64 reference, fp32 on step 1 and bf16 on the fused-projection path (the interpreter on CPU;
-natively on CUDA)."""
+float64 reference, fp32 on the cublas_projections path and bf16 on the fused-projection path (the
+interpreter on CPU; natively on CUDA)."""
 
-import os
 from unittest import mock
 
 import pytest
@@ -10,8 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sra_kernels import sra_attention
-from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+from sra_kernels import fused, sra_attention
 from tests.accuracy import assert_within_reference_error
 from tests.conftest import KERNEL_DEVICES
 
@@ -32,20 +30,20 @@ def sra_shapes(draw):
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=sra_shapes())
 def test_random_shapes_match_reference(shape):
-    _check_against_reference(shape, torch.float32)
+    assert _check_against_reference(shape, torch.float32) == "cublas_projections"
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=sra_shapes().filter(lambda shape: shape[3] <= 128))
 def test_random_shapes_match_reference_with_fused_projections(shape):
-    """SRA_KERNELS_FUSE_PROJECTIONS=1 in bf16: the fused-projection path (C <= 128), one kernel for sr = 1
-    over <= 64 tokens."""
-    with mock.patch.dict(os.environ, {FUSE_PROJECTIONS_ENV_VAR: "1"}):
-        _check_against_reference(shape, torch.bfloat16)
+    """fuse_projections=True in bf16: the fused-projection path (C <= 128), one kernel for sr = 1 over <= 64
+    tokens."""
+    assert _check_against_reference(shape, torch.bfloat16, fuse_projections=True) == "fused_projections"
 
 
-def _check_against_reference(shape, dtype):
-    """Output and dx of the triton backend in ``dtype`` within the accuracy rule of the float64 reference."""
+def _check_against_reference(shape, dtype, **options):
+    """Output and dx of the triton backend in ``dtype`` (with ``options``) within the accuracy rule of the
+    float64 reference; returns the path the triton call took."""
     B, H, W, C, heads, sr, linear = shape
     device = torch.device(KERNEL_DEVICES[0])
     g = torch.Generator().manual_seed(hash(shape) % 2**31)
@@ -63,13 +61,18 @@ def _check_against_reference(shape, dtype):
     grad = r(B, H * W, C)
     x, grad, weights = x.to(dtype).double(), grad.to(dtype).double(), \
         [w.to(dtype).double() if w is not None else None for w in weights]  # representable in dtype
-    results = {}
+    results, plans = {}, []
+    run = fused.sra_attention_triton
     for backend, run_dtype in (("reference", torch.float64), ("reference", dtype), ("triton", dtype)):
         xi = x.to(run_dtype).requires_grad_()
-        out = sra_attention(xi, (H, W), *[w.to(run_dtype) if w is not None else None for w in weights],
-                            num_heads=heads, sr_ratio=sr, linear=linear, backend=backend)
+        with mock.patch.object(fused, "sra_attention_triton", lambda *a, **k: plans.append(k["plan"]) or run(*a, **k)):
+            out = sra_attention(xi, (H, W), *[w.to(run_dtype) if w is not None else None for w in weights],
+                                num_heads=heads, sr_ratio=sr, linear=linear, backend=backend,
+                                **(options if backend == "triton" else {}))
         (dx,) = torch.autograd.grad(out, xi, grad.to(run_dtype))
         results[backend, run_dtype] = (out, dx)
     exact, peer, got = results["reference", torch.float64], results["reference", dtype], results["triton", dtype]
     for name, g_, e, p in zip(("out", "dx"), got, exact, peer):
         assert_within_reference_error(f"{name} at {shape}", g_, e, p, dtype)
+    (plan,) = plans
+    return plan.path

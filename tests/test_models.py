@@ -144,7 +144,7 @@ def test_backend_reaches_every_attention():
     model = pvt.create_model("pvt_v2_b0", backend="reference", **TINY)
     attentions = [m for m in model.modules() if isinstance(m, SpatialReductionAttention)]
     assert len(attentions) == 4 and all(a.backend == "reference" for a in attentions)
-    model.set_backend("sdpa")
+    model.configure_attention(backend="sdpa")
     assert all(a.backend == "sdpa" for a in attentions)
 
 
@@ -450,7 +450,7 @@ def _triton_model_case(name):
     torch.manual_seed(7)
     model = pvt.create_model(name, backend="triton", **TINY).eval()
     expected = copy.deepcopy(model).double()
-    expected.set_backend("reference")
+    expected.configure_attention(backend="reference")
     device = torch.device("cuda" if cuda else "cpu")
     return model.to(device), torch.randn(2, 3, 64, 64), expected, device
 
@@ -463,19 +463,19 @@ def _assert_within_twice_the_reference_error(out, reference, expected, floor):
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
 def test_fused_projection_path_under_bf16_autocast(name, monkeypatch):
-    """SRA_KERNELS_FUSE_PROJECTIONS=1 under bf16 autocast (the models' mixed precision): the stages with
-    C <= 128 take the fused path, and the logits stay within 2x the bf16 reference's error of float64."""
+    """fuse_projections=True under bf16 autocast (the models' mixed precision): the stages with C <= 128
+    take the fused path, and the logits stay within 2x the bf16 reference's error of float64."""
     model, x, expected, device = _triton_model_case(name)
-    from sra_kernels import library
-    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+    from sra_kernels.ops import projected_attention
 
-    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
+    model.configure_attention(fuse_projections=True)
     widths = []
-    forward = library.projected_attention_forward
-    monkeypatch.setattr(library, "projected_attention_forward", lambda *a: widths.append(a[0].shape[-1]) or forward(*a))
+    forward = projected_attention.projected_attention_forward
+    monkeypatch.setattr(projected_attention, "projected_attention_forward",
+                        lambda *a: widths.append(a[0].shape[-1]) or forward(*a))
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         out = model(x.to(device)).float().cpu()
-        model.set_backend("reference")
+        model.configure_attention(backend="reference")
         reference = model(x.to(device)).float().cpu()
         expected = expected(x.double())
     assert widths == [w for w in model.embed_dims if w <= 128]  # one fused call per attention block
@@ -500,7 +500,7 @@ def test_triton_logits_match_reference(name, monkeypatch):
         expected = expected(x.double())
         out = model(x.to(device)).cpu()
         assert len(calls) == 4  # every attention ran the fused op
-        model.set_backend("reference")
+        model.configure_attention(backend="reference")
         reference = model(x.to(device)).cpu()
     _assert_within_twice_the_reference_error(out, reference, expected, floor=1e-5)
 

@@ -211,7 +211,7 @@ def test_native_sweep(B, H, W, C, sr, linear, dtype):
 
 @pytest.mark.parametrize("linear,sr", [(False, 4), (True, 1)])
 def test_backward_accumulates_into_given_dx(linear, sr, kernel_device):
-    """dx_accumulate: the gradient is added in place to what the buffer holds (tokens the conv never
+    """spatial_reduce_backward_into: the gradient is added in place to what the buffer holds (tokens the conv never
     reads keep it unchanged), and that buffer is returned as dx."""
     B, H, W, C = 2, 9, 11, 32
     inputs, grad = _problem(B, H, W, C, sr, linear, torch.float32, kernel_device)
@@ -219,8 +219,8 @@ def test_backward_accumulates_into_given_dx(linear, sr, kernel_device):
     x, *params = inputs
     other = torch.randn_like(x)
     buffer = other.clone()
-    dx_acc, *param_grads_acc = sr_ops.spatial_reduce_backward(grad, x, H, W, *params, *saved, sr, linear, EPS,
-                                                              dx_accumulate=buffer)
+    dx_acc, *param_grads_acc = sr_ops.spatial_reduce_backward_into(buffer, grad, x, H, W, *params, *saved, sr,
+                                                                   linear, EPS)
     assert dx_acc.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(dx_acc, other + dx, rtol=1e-6, atol=1e-6)
     for a, b in zip(param_grads_acc, param_grads):

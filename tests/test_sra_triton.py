@@ -28,10 +28,11 @@ def _problem(B, H, W, C, sr, linear, device, dtype=torch.float64):
     return r(B, H * W, C), weights
 
 
-def _run(x, weights, grad, size, heads, sr, linear, backend, dtype):
-    """(out, *grads) of sra_attention on ``backend`` with every input cast to dtype."""
+def _run(x, weights, grad, size, heads, sr, linear, backend, dtype, **options):
+    """(out, *grads) of sra_attention on ``backend`` (with ``options``) with every input cast to dtype."""
     leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in [x, *weights]]
-    out = sra_attention(leaves[0], size, *leaves[1:], num_heads=heads, sr_ratio=sr, linear=linear, backend=backend)
+    out = sra_attention(leaves[0], size, *leaves[1:], num_heads=heads, sr_ratio=sr, linear=linear, backend=backend,
+                        **options)
     present = [t for t in leaves if t is not None]
     return (out, *torch.autograd.grad(out, present, grad.to(dtype)))
 
@@ -45,15 +46,16 @@ CASES = [  # B, H, W, C, heads, sr, linear
 ]
 
 
-def _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device):
-    """Output and every gradient of the triton backend within the accuracy rule of the float64 reference."""
+def _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device, **options):
+    """Output and every gradient of the triton backend (with ``options``) within the accuracy rule of the
+    float64 reference."""
     x, weights = _problem(B, H, W, C, sr, linear, kernel_device)
     grad = torch.randn(B, H * W, C, dtype=torch.float64, device=kernel_device)
     x, weights = x.to(dtype).double(), [w.to(dtype).double() if w is not None else None for w in weights]
     args = (x, weights, grad, (H, W), heads, sr, linear)
     exact = _run(*args, "reference", torch.float64)
     peer = _run(*args, "reference" if kernel_device.type == "cpu" else "sdpa", dtype)
-    got = _run(*args, "triton", dtype)
+    got = _run(*args, "triton", dtype, **options)
     names = [n for n, w in zip(NAMES, [x, x, *weights]) if w is not None]
     for name, g, e, p in zip(names, got, exact, peer):
         assert g.dtype == dtype, name
@@ -71,18 +73,17 @@ def test_forward_and_gradients_match_reference(B, H, W, C, heads, sr, linear, dt
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,W,C,heads,sr,linear", CASES + [(1, 9, 8, 32, 2, 1, False)])  # sr = 1: N <= 64, N > 64
 def test_projected_path_matches_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device, monkeypatch):
-    """SRA_KERNELS_FUSE_PROJECTIONS=1: q and out projections inside the attention kernel (C <= 128, 16-bit)."""
-    from sra_kernels import library
-    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+    """fuse_projections=True: q and out projections inside the attention kernel (C <= 128, 16-bit)."""
+    from sra_kernels.ops import projected_attention
 
     if dtype == torch.float16 and kernel_device.type == "cpu":
         pytest.skip("fp16 on the interpreter: bf16 covers the path there")
-    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
     launches = []
     for name in ("projected_attention_forward", "projected_self_attention_forward"):
-        forward = getattr(library, name)
-        monkeypatch.setattr(library, name, lambda *a, _f=forward, _n=name: launches.append((_n, a[-1])) or _f(*a))
-    _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device)
+        forward = getattr(projected_attention, name)
+        monkeypatch.setattr(projected_attention, name,
+                            lambda *a, _f=forward, _n=name: launches.append((_n, a[-1])) or _f(*a))
+    _check_against_reference(B, H, W, C, heads, sr, linear, dtype, kernel_device, fuse_projections=True)
     one_launch = not linear and sr == 1 and H * W <= 64  # k, v projected inside the kernel too
     kernel = "projected_self_attention_forward" if one_launch else "projected_attention_forward"
     assert launches and all(launch == (kernel, True) for launch in launches)  # saving q / o / lse for the backward
@@ -90,13 +91,14 @@ def test_projected_path_matches_reference(B, H, W, C, heads, sr, linear, dtype, 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """A list that records (launcher name, input dtype) of every forward kernel launch."""
-    from sra_kernels import library
+    """A list that records (Triton kernel name, dtype of its first argument) of every kernel launch."""
+    from sra_kernels.ops import attention
 
     calls = []
-    for name in ("spatial_reduce_forward", "attention_forward"):
-        original = getattr(library, name)
-        monkeypatch.setattr(library, name, lambda *a, _f=original, _n=name: calls.append((_n, a[0].dtype)) or _f(*a))
+    kernel_class = type(attention._fwd_kernel)  # JITFunction natively, InterpretedFunction in the interpreter
+    run = kernel_class.run
+    monkeypatch.setattr(kernel_class, "run",
+                        lambda self, *a, **k: calls.append((self.fn.__name__, a[0].dtype)) or run(self, *a, **k))
     return calls
 
 
@@ -109,7 +111,7 @@ def test_building_blocks_run_the_kernels(kernel_device, kernel_calls):
     o = reduced_kv_attention(q, k, v, backend="triton")
     torch.testing.assert_close(o, reduced_kv_attention(q, k, v, backend="reference"))
     torch.testing.assert_close(o, reduced_kv_attention(q, k, v, backend="sdpa"))
-    assert [name for name, _ in kernel_calls] == ["spatial_reduce_forward", "attention_forward"]
+    assert [name for name, _ in kernel_calls] == ["_reduce_norm_fwd_kernel", "_fwd_kernel"]
 
 
 def _op_samples(device):
@@ -123,7 +125,7 @@ def _op_samples(device):
         (torch.ops.sra_kernels.project_and_reduce.default, (x, 6, 5, *weights[:2], *weights[6:], sr, False, 1e-5)),
         (torch.ops.sra_kernels.project_and_reduce.default,
          (lin_x, 8, 9, lin_weights[0], None, *lin_weights[6:], 1, True, 1e-5)),
-        (torch.ops.sra_kernels.reduced_kv_attention.default, (q, k, v, 0.25)),
+        (torch.ops.sra_kernels.reduced_kv_attention.default, (q, k, v, 0.25, True)),
     ]
 
 
@@ -139,8 +141,8 @@ def test_opcheck_backward_ops(kernel_device):
         outputs = op(*args)
         grad = torch.randn_like(outputs[0])
         if op is torch.ops.sra_kernels.reduced_kv_attention.default:
-            q, k, v, scale = args
-            backward_args = (grad, q, k, v, *outputs, scale, True)
+            q, k, v, scale, deterministic = args
+            backward_args = (grad, q, k, v, *outputs, scale, deterministic)
             backward = torch.ops.sra_kernels.reduced_kv_attention_backward.default
         elif op is torch.ops.sra_kernels.project_and_reduce.default:
             x, H, W, q_weight, _, *params, sr, linear, eps = args
@@ -159,7 +161,7 @@ def test_opcheck_projected_attention(save, kernel_device):
     C, heads = 32, 2
     x, weights = _problem(2, 6, 5, C, 2, False, kernel_device, torch.float32)
     kv = torch.randn(2, 7, 2, heads, C // heads, device=kernel_device)
-    args = (x, weights[0], weights[1], kv[:, :, 0], kv[:, :, 1], weights[4], weights[5], 0.25, save)
+    args = (x, weights[0], weights[1], kv[:, :, 0], kv[:, :, 1], weights[4], weights[5], 0.25, save, True)
     args = tuple(a.requires_grad_(save) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(torch.ops.sra_kernels.projected_attention.default, args)
 
@@ -168,7 +170,7 @@ def test_opcheck_projected_attention(save, kernel_device):
 def test_opcheck_projected_self_attention(save, kernel_device):
     C, heads = 32, 2
     x, weights = _problem(2, 6, 5, C, 1, False, kernel_device, torch.float32)
-    args = (x, *weights[:6], heads, 0.25, save)
+    args = (x, *weights[:6], heads, 0.25, save, True)
     args = tuple(a.requires_grad_(save) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(torch.ops.sra_kernels.projected_self_attention.default, args)
 
@@ -178,19 +180,17 @@ def test_opcheck_projected_self_attention(save, kernel_device):
 def test_opcheck_projected_sra(linear, sr, save, kernel_device):
     C, heads = 32, 2
     x, weights = _problem(2, 8, 9, C, sr, linear, kernel_device, torch.float32)
-    args = (x, 8, 9, *weights, sr, linear, 1e-5, heads, 0.25, save)
+    args = (x, 8, 9, *weights, sr, linear, 1e-5, heads, 0.25, save, True)
     args = tuple(a.requires_grad_(save) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(torch.ops.sra_kernels.projected_sra.default, args)
 
 
 @pytest.mark.parametrize("linear,sr,H,W", [(False, 2, 8, 10), (True, 1, 8, 10), (False, 1, 8, 10), (False, 1, 7, 7)])
-def test_compile_projected_path_fullgraph(linear, sr, H, W, kernel_device, monkeypatch):
+def test_compile_projected_path_fullgraph(linear, sr, H, W, kernel_device):
     """The fused-projection path traces as one graph too, gradients included (bf16 weights and input);
     7x7 with sr = 1 is the one-kernel path."""
-    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
-
-    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
-    module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=sr, linear=linear, backend="triton")
+    module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=sr, linear=linear, backend="triton",
+                                       fuse_projections=True)
     module = module.to(kernel_device, torch.bfloat16)
     backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
     compiled = torch.compile(module, fullgraph=True, backend=backend)
@@ -206,20 +206,18 @@ def test_compile_projected_path_fullgraph(linear, sr, H, W, kernel_device, monke
 @pytest.mark.parametrize("fuse_projections", [False, True])
 @pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
 def test_eager_fast_path_matches_registered_ops(linear, sr, fuse_projections, kernel_device, monkeypatch):
-    """Eager calls skip the dispatcher (library._eager); forcing the registered ops gives identical bits
-    (step 1 in fp32; the fused-projection path in bf16, one kernel when sr = 1 over 30 tokens)."""
-    from sra_kernels import library
-    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
+    """Eager calls skip the dispatcher (ops.registration.eager); forcing the registered ops gives identical bits
+    (cublas_projections in fp32; the fused-projection path in bf16, one kernel when sr = 1 over 30 tokens)."""
+    from sra_kernels.ops import registration
 
-    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1" if fuse_projections else "0")
     dtype = torch.bfloat16 if fuse_projections else torch.float32
     B, H, W, C, heads = 2, 6, 5, 32, 2
     x, weights = _problem(B, H, W, C, sr, linear, kernel_device, torch.float32)
     grad = torch.randn(B, H * W, C, device=kernel_device)
-    assert library._eager(x)
-    fast = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", dtype)
-    monkeypatch.setattr(library, "_eager", lambda x: False)
-    registered = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", dtype)
+    assert registration.eager(x)
+    fast = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", dtype, fuse_projections=fuse_projections)
+    monkeypatch.setattr(registration, "eager", lambda x: False)
+    registered = _run(x, weights, grad, (H, W), heads, sr, linear, "triton", dtype, fuse_projections=fuse_projections)
     for a, b in zip(fast, registered):
         assert torch.equal(a, b)
 
@@ -249,15 +247,12 @@ def test_compile_fullgraph_reference_backend():
 
 @pytest.mark.parametrize("fuse_projections", [False, True])
 @pytest.mark.parametrize("linear,sr,H,W", [(False, 2, 14, 14), (True, 1, 14, 14), (False, 1, 14, 14), (False, 1, 7, 7)])
-def test_flop_counter_counts_fused_ops(linear, sr, H, W, fuse_projections, kernel_device, monkeypatch):
-    """FlopCounterMode sees the reference's FLOPs on the triton path (step 1 in fp32, the fused-projection
+def test_flop_counter_counts_fused_ops(linear, sr, H, W, fuse_projections, kernel_device):
+    """FlopCounterMode sees the reference's FLOPs on the triton path (cublas_projections in fp32, the fused-projection
     path in bf16): the same forward, and the same forward+backward plus the attention backward's recompute
     of q k^T (2 B h N M d) and, on the one-kernel sr = 1 path, the backward's recompute of k, v (4 B N C^2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
-
-    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1" if fuse_projections else "0")
     B, C, heads = 2, 32, 2
     dtype = torch.bfloat16 if fuse_projections else torch.float32
     x, weights = _problem(B, H, W, C, sr, linear, kernel_device, dtype)
@@ -266,7 +261,7 @@ def test_flop_counter_counts_fused_ops(linear, sr, H, W, fuse_projections, kerne
     for backend in ("reference", "triton"):
         with FlopCounterMode(display=False) as counter:
             out = sra_attention(leaves[0], (H, W), *leaves[1:], num_heads=heads, sr_ratio=sr, linear=linear,
-                                backend=backend)
+                                backend=backend, fuse_projections=fuse_projections)
         forward = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             out.sum().backward()
@@ -358,69 +353,81 @@ def test_autocast_runs_kernels_in_low_precision(kernel_device, kernel_calls):
         with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
             outputs[backend] = module(x, 8, 10)
     assert outputs["triton"].dtype == outputs["sdpa"].dtype == torch.bfloat16
-    assert kernel_calls == [("spatial_reduce_forward", torch.bfloat16), ("attention_forward", torch.bfloat16)]
+    assert kernel_calls == [("_reduce_norm_fwd_kernel", torch.bfloat16), ("_fwd_kernel", torch.bfloat16)]
     torch.testing.assert_close(outputs["triton"].float(), outputs["sdpa"].float(), rtol=0.05, atol=0.05)
 
 
-FORWARD_KERNELS = {"pool": "_adaptive_pool_kernel", "reduce": "_reduce_norm_fwd_kernel", "attention": "_fwd_kernel"}
-"""cost.py's triton-path op name -> the Triton kernel that op launches."""
+@pytest.fixture
+def planned(monkeypatch):
+    """A list that records the plan of every call the triton backend runs."""
+    from sra_kernels import fused
+
+    plans = []
+    run = fused.sra_attention_triton
+    monkeypatch.setattr(fused, "sra_attention_triton", lambda *a, **k: plans.append(k["plan"]) or run(*a, **k))
+    return plans
 
 
-@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
-def test_forward_launches_are_the_cost_models_ops(linear, sr, kernel_device, monkeypatch):
-    """An inference forward launches exactly the Triton kernels and cuBLAS GEMMs that
-    ``sra_kernels.cost`` counts for the triton path, one launch per op."""
-    from sra_kernels.cost import SRAShape, sra_attention_cost
+@pytest.fixture
+def launched(monkeypatch):
+    """(Triton kernel names, torch Linear weight shapes) of every launch from here on."""
     from sra_kernels.ops import attention
 
-    B, H, W, C, heads = 2, 9, 8, 32, 2
     launches, gemms = [], []
     kernel_class = type(attention._fwd_kernel)  # JITFunction natively, InterpretedFunction in the interpreter
     run = kernel_class.run
     monkeypatch.setattr(kernel_class, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or run(self, *a, **k))
     linear_fn = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(a[1].shape) or linear_fn(*a))
+    return launches, gemms
+
+
+def _assert_launches_follow(plan, launches, gemms):
+    """The forward launched exactly the plan's Triton kernels and cuBLAS GEMMs, one launch per entry, and the
+    cost model's launches of the path are the plan's."""
+    assert sorted(launches) == sorted(launch.kernel for launch in plan.forward if launch.kind == "triton")
+    assert len(gemms) == sum(launch.kind == "gemm" for launch in plan.forward)
+
+
+@pytest.mark.parametrize("linear,sr", [(False, 2), (True, 1), (False, 1)])
+def test_forward_launches_are_the_plans(linear, sr, kernel_device, planned, launched):
+    """An inference forward on backend triton launches exactly what its plan lists, which is what
+    ``sra_kernels.cost`` prices for the cublas_projections path."""
+    from sra_kernels.cost import path_ops
+    from sra_kernels.shapes import SRAShape
+
+    B, H, W, C, heads = 2, 9, 8, 32, 2
     module = SpatialReductionAttention(C, heads, qkv_bias=True, sr_ratio=sr, linear=linear, backend="triton")
     with torch.no_grad():
         module.to(kernel_device)(torch.randn(B, H * W, C, device=kernel_device), H, W)
-    ops = sra_attention_cost(SRAShape(B, H, W, C, heads, sr, linear), torch.float32, "forward").triton_ops
-    assert sorted(launches) == sorted(FORWARD_KERNELS[name] for name, kind, _ in ops if kind == "triton")
-    assert len(gemms) == sum(kind == "gemm" for _, kind, _ in ops) == 3
-
-
-
-PROJECTED_KERNELS = {"pool": "_adaptive_pool_kernel", "reduce": "_reduce_norm_fwd_kernel",
-                     "projected_attention": "_projected_fwd_kernel", "projected_self_attention": "_projected_fwd_kernel"}
-"""cost.py's fused-projection-path op name -> the Triton kernel that op launches."""
+    (plan,) = planned
+    assert plan.path == "cublas_projections"
+    _assert_launches_follow(plan, *launched)
+    assert len(launched[1]) == 3  # q, kv and out projections
+    ops = path_ops("cublas_projections", SRAShape(B, H, W, C, heads, sr, linear), torch.float32, "forward")
+    assert [name for name, _, _ in ops] == [launch.name for launch in plan.forward]
 
 
 @pytest.mark.parametrize("linear,sr,H,W", [(False, 2, 9, 8), (True, 1, 9, 8), (False, 1, 9, 8), (False, 1, 7, 7)])
-def test_projected_forward_launches(linear, sr, H, W, kernel_device, monkeypatch):
-    """With the projections fused, an inference forward launches exactly the kernels and GEMMs of the cost
-    model's projected path: the reduction kernel with the kv projection in its epilogue (after the pool
-    kernel in linear mode) and the projected-attention kernel; with sr = 1 a kv GEMM and that kernel, or
-    that kernel alone over <= 64 tokens. No biases: zeros stand in."""
-    from sra_kernels.cost import SRAShape, sra_attention_cost
-    from sra_kernels.fused import FUSE_PROJECTIONS_ENV_VAR
-    from sra_kernels.ops import projected_attention
-
-    monkeypatch.setenv(FUSE_PROJECTIONS_ENV_VAR, "1")
+def test_projected_forward_launches(linear, sr, H, W, kernel_device, planned, launched):
+    """With the projections fused, an inference forward launches exactly what its plan lists: the reduction
+    kernel with the kv projection in its epilogue (after the pool kernel in linear mode) and the
+    projected-attention kernel; with sr = 1 a kv GEMM and that kernel, or that kernel alone over <= 64
+    tokens. No biases: zeros stand in."""
     B, C, heads = 2, 32, 2
-    launches, gemms = [], []
-    kernel_class = type(projected_attention._projected_fwd_kernel)
-    run = kernel_class.run
-    monkeypatch.setattr(kernel_class, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or run(self, *a, **k))
-    linear_fn = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(a[1].shape) or linear_fn(*a))
-    module = SpatialReductionAttention(C, heads, qkv_bias=False, sr_ratio=sr, linear=linear, backend="triton")
+    module = SpatialReductionAttention(C, heads, qkv_bias=False, sr_ratio=sr, linear=linear, backend="triton",
+                                       fuse_projections=True)
     module = module.to(kernel_device, torch.bfloat16)
     x = torch.randn(B, H * W, C, device=kernel_device, dtype=torch.bfloat16)
     with torch.no_grad():
         out = module(x, H, W)
-    ops = sra_attention_cost(SRAShape(B, H, W, C, heads, sr, linear), torch.bfloat16, "forward").projected_ops
-    assert sorted(launches) == sorted(PROJECTED_KERNELS[name] for name, kind, _ in ops if kind == "triton")
-    assert len(gemms) == sum(kind == "gemm" for _, kind, _ in ops)
+    (plan,) = planned
+    launches, gemms = launched
+    assert plan.path == "fused_projections"
+    _assert_launches_follow(plan, launches, gemms)
     assert gemms == ([(2 * C, C)] if (linear, sr, H * W) == (False, 1, 72) else [])
+    assert plan.route == {(False, 2): "reduce_project_attend", (True, 1): "reduce_project_attend",
+                          (False, 1): "project_attend_self" if H * W <= 64 else "kv_project_attend"}[(linear, sr)]
     module.backend = "sdpa"
     with torch.no_grad():
         want = module(x, H, W)

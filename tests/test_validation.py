@@ -143,8 +143,15 @@ def test_bad_backend():
         sra_attention(**kwargs, backend="cuda")
 
 
+def _environment_defaults(monkeypatch, **environ):
+    """Defaults as if sra_kernels had been imported with ``environ``."""
+    from sra_kernels import options
+
+    monkeypatch.setattr(options, "DEFAULTS", options.from_environment(environ))
+
+
 def test_bad_backend_from_environment(monkeypatch):
-    monkeypatch.setenv("SRA_KERNELS_BACKEND", "fast")
+    _environment_defaults(monkeypatch, SRA_KERNELS_BACKEND="fast")
     with pytest.raises(ValueError, match="SRA_KERNELS_BACKEND must be one of"):
         sra_attention(**_args())
 
@@ -152,8 +159,39 @@ def test_bad_backend_from_environment(monkeypatch):
 def test_environment_chooses_backend(monkeypatch):
     """auto follows SRA_KERNELS_BACKEND: 'reference' gives the eager math, bit for bit."""
     kwargs = _args()
-    monkeypatch.setenv("SRA_KERNELS_BACKEND", "reference")
+    _environment_defaults(monkeypatch, SRA_KERNELS_BACKEND="reference")
     torch.testing.assert_close(sra_attention(**kwargs), sra_attention(**kwargs, backend="reference"), rtol=0, atol=0)
+
+
+def test_environment_is_read_once(monkeypatch):
+    """Setting a variable after import changes nothing: the defaults were read when sra_kernels was imported."""
+    from sra_kernels import options
+
+    before = options.DEFAULTS
+    monkeypatch.setenv("SRA_KERNELS_BACKEND", "fast")
+    monkeypatch.setenv("SRA_KERNELS_ATOMIC_BACKWARD", "1")
+    sra_attention(**_args())  # no error: the environment is not read per call
+    assert options.DEFAULTS is before
+
+
+def test_environment_flags():
+    from sra_kernels.options import Options, from_environment
+
+    assert from_environment({}).options == Options(None, True, False)
+    defaults = from_environment({"SRA_KERNELS_FUSE_PROJECTIONS": "0", "SRA_KERNELS_ATOMIC_BACKWARD": "1",
+                                 "SRA_KERNELS_AUTOTUNE": "1", "SRA_KERNELS_AUTOTUNE_CACHE": "/tmp/c.json"})
+    assert defaults.options == Options(False, False, True) and defaults.autotune_cache == "/tmp/c.json"
+    with pytest.raises(ValueError, match="SRA_KERNELS_FUSE_PROJECTIONS must be 0 or 1, got 'yes'"):
+        from_environment({"SRA_KERNELS_FUSE_PROJECTIONS": "yes"})
+
+
+@pytest.mark.parametrize("name, value, error", [
+    ("fuse_projections", "yes", TypeError), ("deterministic", 1, TypeError), ("autotune", "1", TypeError),
+    ("dropout_p", 1.0, ValueError), ("dropout_p", "0.1", TypeError),
+])
+def test_bad_options(name, value, error):
+    with pytest.raises(error, match=name):
+        sra_attention(**_args(), **{name: value})
 
 
 def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
@@ -208,7 +246,7 @@ def test_triton_rejects_large_head_dim(monkeypatch):
 def test_auto_falls_back_to_sdpa_where_kernels_cannot_run(monkeypatch):
     """auto (here resolving to triton through the environment) runs sdpa for head_dim > 128 and fp64."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SRA_KERNELS_BACKEND", "triton")
+    _environment_defaults(monkeypatch, SRA_KERNELS_BACKEND="triton")
     torch.testing.assert_close(_wide_call("auto"), _wide_call("sdpa"), rtol=0, atol=0)
     kwargs = _args(dtype=torch.float64)
     torch.testing.assert_close(sra_attention(**kwargs), sra_attention(**kwargs, backend="sdpa"), rtol=0, atol=0)

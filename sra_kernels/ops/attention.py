@@ -20,10 +20,12 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 from ..validation import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
+from .registration import register
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -446,3 +448,56 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dkv, dk, dv, dkv.shape[0], dk.numel(), dkv.stride(0), BLOCK=block, num_warps=4,
     )
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library op: reduced_kv_attention
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_bhsd(shape):
+    """(B, L, h, d) -> (B, h, L, d), the layout torch's SDPA FLOP formulas expect."""
+    B, L, h, d = shape
+    return (B, h, L, d)
+
+
+reduced_kv_attention_backward_op, reduced_kv_attention_backward = register(
+    "reduced_kv_attention_backward", attention_backward,
+    fake=lambda grad_o, q, k, v, *rest: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)),
+    flops=lambda grad_o_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(
+        _to_bhsd(grad_o_shape), _to_bhsd(q_shape), _to_bhsd(k_shape), _to_bhsd(v_shape)))
+"""reduced_kv_attention_backward(grad_o, q, k, v, o, lse, scale, deterministic) -> (dq, dk, dv): the op of
+:func:`attention_backward`, also the backward of the fused-projection ops (:mod:`.projected_attention`)."""
+
+
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, deterministic: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_forward`; ``deterministic`` is its backward's (an op argument, so that a traced graph
+    records it)."""
+    return attention_forward(q, k, v, scale)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale, deterministic = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale, ctx.deterministic = scale, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_autograd(ctx, grad_o, _grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = reduced_kv_attention_backward(grad_o, q, k, v, o, lse, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None
+
+
+reduced_kv_attention_op, reduced_kv_attention = register(
+    "reduced_kv_attention", _attention_forward,
+    fake=lambda q, k, v, scale, deterministic: (q.new_empty(q.shape),
+                                                q.new_empty(q.shape[:1] + q.shape[2:3] + q.shape[1:2],
+                                                            dtype=torch.float32)),
+    flops=lambda q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs: sdpa_flop_count(
+        _to_bhsd(q_shape), _to_bhsd(k_shape), _to_bhsd(v_shape)),
+    setup_context=_attention_setup_context, backward=_attention_autograd)
+"""reduced_kv_attention(q, k, v, scale, deterministic) -> (o, lse) of :func:`attention_forward`, differentiable
+in q, k and v."""

@@ -1,4 +1,4 @@
-"""Fusion step 2/3 forward: the q projection in the attention's prologue, the out projection in its epilogue.
+"""The fused-projection path's forward: q projection in the attention's prologue, out projection in its epilogue.
 
 One program holds a block of query tokens with all their channels (C <= 128): it reads x (B, N, C)
 once, computes each head's q = x W_q^T + b_q on chip, runs the short-KV online softmax against that
@@ -8,7 +8,7 @@ rounded to x's dtype on chip, as the unfused path rounds its Linear outputs. For
 (sr = 1) over at most 64 tokens, one block holds the whole image, and k, v = x W_kv^T + b_kv are
 projected from the same x tile: the whole SRA is this one launch. When gradients are
 needed it also writes q and o (B, N, C) and the log-sum-exp (B, h, N) fp32, and the backward is the
-step-1 attention backward plus cuBLAS projections (:mod:`sra_kernels.library`).
+attention backward of the cublas_projections path plus cuBLAS projections (the ops at the end of this file).
 """
 
 from __future__ import annotations
@@ -19,18 +19,33 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import sdpa_flop_count
 
-from .attention import LN2, LOG2E, _attend_key_blocks, _attend_one_key_block, _load_tile, _num_sms, _store_tile
+from ..validation import FUSED_PROJECTIONS_MAX_CHANNELS, ONE_KERNEL_MAX_TOKENS
+from .attention import (
+    LN2,
+    LOG2E,
+    _attend_key_blocks,
+    _attend_one_key_block,
+    _load_tile,
+    _num_sms,
+    _store_tile,
+    _to_bhsd,
+    reduced_kv_attention_backward,
+)
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
+from .registration import register
+from .spatial_reduce import (
+    conv_flops,
+    project_and_reduce_backward_call,
+    reduce_and_project_kv,
+    reduced_size,
+    reduction_outputs_fake,
+)
 
-MAX_CHANNELS = 128
-"""Widest x this kernel takes: one program keeps a (BLOCK_N, C) block of x and of the output on chip."""
-MAX_SELF_ATTENTION_TOKENS = 64
-"""Longest x whose self attention (sr = 1) projects k and v inside the kernel: one block of queries and keys."""
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FAST_DTYPES = (torch.float16, torch.bfloat16)
-"""Where the fused path pays: fp32 dots run on FMA units and these tiles spill (tests/gpu_compile.py)."""
+"""What the kernel compiles for (the path runs fp16 / bf16: :data:`sra_kernels.validation.FUSED_PROJECTIONS_DTYPES`)."""
 
 _empty = torch.empty
 """Allocator of every kernel-written buffer (tests swap in a NaN-filled one to prove full coverage)."""
@@ -119,20 +134,9 @@ def _plan(B: int, N: int, M: int, C: int, d: int, kv_from_x: bool, device: torch
     return _Plan(block_n, block_m, max(16, next_power_of_2(d)), block_c, num_programs, 4 if block_c <= 64 else 8)
 
 
-def applies(channels: int, dtype: torch.dtype) -> bool:
-    """Whether the backend should take the fused path for x of this width and dtype (16-bit, C <= 128)."""
-    return channels <= MAX_CHANNELS and dtype in FAST_DTYPES
-
-
-def keys_from_x_fit(tokens: int) -> bool:
-    """Whether self attention over ``tokens`` (sr = 1) runs as one launch, k and v projected in the kernel:
-    when one block holds every token, so no program recomputes another's keys."""
-    return tokens <= MAX_SELF_ATTENTION_TOKENS
-
-
 def self_attention_max_channels(dtype: torch.dtype) -> int:
     """Widest x for that: at C = 128 the fp32 tiles overflow an A100's shared memory (tests/gpu_compile.py)."""
-    return 64 if dtype == torch.float32 else MAX_CHANNELS
+    return 64 if dtype == torch.float32 else FUSED_PROJECTIONS_MAX_CHANNELS
 
 
 def projected_attention_forward(
@@ -162,12 +166,12 @@ def projected_self_attention_forward(
 
     Args:
         kv_weight: (2C, C), kv_bias: (2C,): the k rows, then the v rows; heads: h, with C % h == 0.
-        The others as in :func:`projected_attention_forward`, with N <= 64 (see :func:`keys_from_x_fit`) and
+        The others as in :func:`projected_attention_forward`, with N <= 64 (one block of queries and keys) and
         C <= :func:`self_attention_max_channels` (64 in fp32).
     """
     B, N, C = x.shape
-    if not keys_from_x_fit(N):
-        raise ValueError(f"projected self attention takes N <= {MAX_SELF_ATTENTION_TOKENS} tokens, got N={N}")
+    if N > ONE_KERNEL_MAX_TOKENS:
+        raise ValueError(f"projected self attention takes N <= {ONE_KERNEL_MAX_TOKENS} tokens, got N={N}")
     if C > self_attention_max_channels(x.dtype):
         raise ValueError(f"projected self attention takes C <= {self_attention_max_channels(x.dtype)} in {x.dtype}, "
                          f"got C={C}")
@@ -180,8 +184,9 @@ def _launch(x, q_weight, q_bias, proj_weight, proj_bias, scale, save, heads, M, 
     """Allocate the outputs and launch, with keys k, v (B, M, h, d) or, for self attention, W_kv and b_kv."""
     B, N, C = x.shape
     D = C // heads
-    if C > MAX_CHANNELS or x.dtype not in DTYPES:
-        raise ValueError(f"projected attention takes C <= {MAX_CHANNELS} in fp16/bf16/fp32, got C={C} {x.dtype}")
+    if C > FUSED_PROJECTIONS_MAX_CHANNELS or x.dtype not in DTYPES:
+        raise ValueError(f"projected attention takes C <= {FUSED_PROJECTIONS_MAX_CHANNELS} in fp16/bf16/fp32, "
+                         f"got C={C} {x.dtype}")
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     out = _empty((B, N, C), dtype=x.dtype, device=x.device)
@@ -205,3 +210,191 @@ def _launch(x, q_weight, q_bias, proj_weight, proj_bias, scale, save, heads, M, 
         num_stages=2,
     )
     return out, q, o, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: projected_attention, projected_self_attention (sr = 1, <= 64 tokens) and projected_sra
+# (with a reduction). Their backwards are the cublas_projections path's kernels on the saved q, o and lse,
+# with cuBLAS GEMMs for the projections.
+# ----------------------------------------------------------------------------------------------
+
+
+def _projected_outputs_fake(x, heads, save):
+    """(out, q, o, lse) of the projected ops, as meta tensors: see :func:`projected_attention_forward`."""
+    B, N, C = x.shape
+    saved = (B, N, C) if save else (0,)
+    lse = x.new_empty((B, heads, N) if save else (0,), dtype=torch.float32)
+    return x.new_empty((B, N, C)), x.new_empty(saved), x.new_empty(saved), lse
+
+
+def _attention_and_projection_backward(grad_out, x, k, v, proj_weight, q, o, lse, scale, deterministic):
+    """(dq (B*N, C), dk, dv (B, M, h, d), dW_proj, db_proj) from dOut (B, N, C), shared by the three ops."""
+    B, N, C = x.shape
+    heads, head_dim = k.shape[2], k.shape[3]
+    if q.numel() != x.numel():
+        raise RuntimeError("the projected attention ran with save=False, so it cannot be differentiated")
+    grad_out = grad_out.reshape(-1, C)
+    do = (grad_out @ proj_weight).view(B, N, heads, head_dim)
+    dq, dk, dv = reduced_kv_attention_backward(do, q.view(B, N, heads, head_dim), k, v,
+                                               o.view(B, N, heads, head_dim), lse, scale, deterministic)
+    return dq.reshape(-1, C), dk, dv, grad_out.T @ o.reshape(-1, C), grad_out.sum(0)
+
+
+def _projected_attention(
+    x: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, scale: float, save: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`projected_attention_forward`; ``deterministic`` is its backward's."""
+    return projected_attention_forward(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save)
+
+
+def _projected_attention_setup_context(ctx, inputs, output):
+    x, q_weight, _, k, v, proj_weight, _, scale, _, deterministic = inputs
+    _, q, o, lse = output
+    ctx.save_for_backward(x, q_weight, k, v, proj_weight, q, o, lse)
+    ctx.scale, ctx.deterministic = scale, deterministic
+    ctx.mark_non_differentiable(q, o, lse)
+
+
+def _projected_attention_autograd(ctx, grad_out, *_unused_grads):
+    x, q_weight, k, v, proj_weight, q, o, lse = ctx.saved_tensors
+    dq, dk, dv, d_proj_weight, d_proj_bias = _attention_and_projection_backward(
+        grad_out, x, k, v, proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
+    dx = (dq @ q_weight).view(x.shape)
+    return dx, dq.T @ x.reshape(-1, x.shape[-1]), dq.sum(0), dk, dv, d_proj_weight, d_proj_bias, None, None, None
+
+
+def _projected_attention_flops(x_shape, q_weight_shape, q_bias_shape, k_shape, v_shape, *args, out_shape=None,
+                               **kwargs) -> int:
+    B, N, C = x_shape
+    return 2 * (2 * B * N * C * C) + sdpa_flop_count((B, k_shape[2], N, k_shape[3]), _to_bhsd(k_shape),
+                                                     _to_bhsd(v_shape))
+
+
+projected_attention_op, projected_attention = register(
+    "projected_attention", _projected_attention,
+    fake=lambda x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save, deterministic:
+        _projected_outputs_fake(x, k.shape[2], save),
+    flops=_projected_attention_flops,
+    setup_context=_projected_attention_setup_context, backward=_projected_attention_autograd)
+"""projected_attention(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save, deterministic) ->
+(out, q, o, lse) of :func:`projected_attention_forward`; differentiable (when ``save``) in x, k, v and weights."""
+
+
+def _projected_self_attention(
+    x: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor, kv_weight: torch.Tensor, kv_bias: torch.Tensor,
+    proj_weight: torch.Tensor, proj_bias: torch.Tensor, heads: int, scale: float, save: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`projected_self_attention_forward`: the whole sr = 1 SRA over <= 64 tokens in one launch."""
+    return projected_self_attention_forward(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, heads,
+                                            scale, save)
+
+
+def _projected_self_attention_setup_context(ctx, inputs, output):
+    x, q_weight, _, kv_weight, kv_bias, proj_weight, _, heads, scale, _, deterministic = inputs
+    _, q, o, lse = output
+    ctx.save_for_backward(x, q_weight, kv_weight, kv_bias, proj_weight, q, o, lse)
+    ctx.heads, ctx.scale, ctx.deterministic = heads, scale, deterministic
+    ctx.mark_non_differentiable(q, o, lse)
+
+
+def _projected_self_attention_autograd(ctx, grad_out, *_unused_grads):
+    """As ``projected_attention``'s, on k, v recomputed by one cuBLAS GEMM (the forward kernel never writes them;
+    at N <= 64 rows per image the GEMM costs one more read of x than saving them would)."""
+    x, q_weight, kv_weight, kv_bias, proj_weight, q, o, lse = ctx.saved_tensors
+    B, N, C = x.shape
+    x2d = x.reshape(-1, C)
+    kv = torch.nn.functional.linear(x2d, kv_weight, kv_bias).view(B, N, 2, ctx.heads, C // ctx.heads)
+    dq, dk, dv, d_proj_weight, d_proj_bias = _attention_and_projection_backward(
+        grad_out, x, kv[:, :, 0], kv[:, :, 1], proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
+    dkv = torch.cat((dk.reshape(-1, C), dv.reshape(-1, C)), 1)
+    dx = torch.addmm(dq @ q_weight, dkv, kv_weight).view(B, N, C)
+    return (dx, dq.T @ x2d, dq.sum(0), dkv.T @ x2d, dkv.sum(0), d_proj_weight, d_proj_bias, None, None, None, None)
+
+
+def _projected_self_attention_flops(x_shape, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape,
+                                    proj_weight_shape, proj_bias_shape, heads, *args, out_shape=None, **kwargs) -> int:
+    B, N, C = x_shape
+    qkv = (B, heads, N, C // heads)
+    return 2 * B * N * C * (C + 2 * C + C) + sdpa_flop_count(qkv, qkv, qkv)
+
+
+projected_self_attention_op, projected_self_attention = register(
+    "projected_self_attention", _projected_self_attention,
+    fake=lambda x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, heads, scale, save, deterministic:
+        _projected_outputs_fake(x, heads, save),
+    flops=_projected_self_attention_flops,
+    setup_context=_projected_self_attention_setup_context, backward=_projected_self_attention_autograd)
+"""projected_self_attention(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, heads, scale, save,
+deterministic) -> (out, q, o, lse) of :func:`projected_self_attention_forward`."""
+
+
+def _projected_sra(
+    x: torch.Tensor, H: int, W: int, q_weight: torch.Tensor, q_bias: torch.Tensor, kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, sr_weight: torch.Tensor,
+    sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, sr_ratio: int, linear: bool,
+    eps: float, heads: int, scale: float, save: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, H*W, C), C <= 128, with a reduction (sr > 1 or linear) -> (out (B, N, C), then q, o, lse as
+    ``projected_attention`` returns them, kv (B, M, 2C), then the outputs of ``spatial_reduce_forward``): the
+    reduction kernel with the kv projection in its epilogue, then the projected-attention kernel."""
+    kv, *reduced = reduce_and_project_kv(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps,
+                                         kv_weight, kv_bias)
+    B, M, C = reduced[0].shape
+    k, v = kv.view(B, M, 2, heads, C // heads).unbind(2)
+    return (*projected_attention_forward(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save), kv,
+            *reduced)
+
+
+def _projected_sra_fake(x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias,
+                        norm_weight, norm_bias, sr_ratio, linear, eps, heads, scale, save, deterministic):
+    reduced = reduction_outputs_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps)
+    B, M, C = reduced[0].shape
+    return (*_projected_outputs_fake(x, heads, save), x.new_empty((B, M, 2 * C)), *reduced)
+
+
+def _projected_sra_setup_context(ctx, inputs, output):
+    (x, H, W, q_weight, _, kv_weight, _, proj_weight, _, sr_weight, sr_bias, norm_weight, norm_bias,
+     sr_ratio, linear, eps, heads, scale, _, deterministic) = inputs
+    _, *saved = output
+    ctx.save_for_backward(x, q_weight, kv_weight, proj_weight, sr_weight, sr_bias, norm_weight, norm_bias, *saved)
+    ctx.geometry = (H, W, sr_ratio, linear, eps)
+    ctx.heads, ctx.scale, ctx.deterministic = heads, scale, deterministic
+    ctx.mark_non_differentiable(*saved)
+
+
+def _projected_sra_autograd(ctx, grad_out, *_unused_grads):
+    """The projections' and attention's backward as ``projected_attention``'s, then the reduction's backward
+    adds its dx into the q path's in the pass that writes it (``project_and_reduce_backward``)."""
+    x, q_weight, kv_weight, proj_weight, sr_weight, sr_bias, norm_weight, norm_bias, q, o, lse, kv, y, z, mean, \
+        rstd, pooled = ctx.saved_tensors
+    H, W, sr_ratio, linear, eps = ctx.geometry
+    B, N, C = x.shape
+    k, v = kv.view(B, -1, 2, ctx.heads, C // ctx.heads).unbind(2)
+    dq, dk, dv, d_proj_weight, d_proj_bias = _attention_and_projection_backward(
+        grad_out, x, k, v, proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
+    dkv = torch.cat((dk.reshape(-1, C), dv.reshape(-1, C)), 1)
+    grad_y = (dkv @ kv_weight).view(y.shape)
+    dx, dw, db, dnw, dnb = project_and_reduce_backward_call(
+        dq.view(B, N, C), grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+        sr_ratio, linear, eps)
+    return (dx, None, None, dq.T @ x.reshape(-1, C), dq.sum(0), dkv.T @ y.reshape(-1, C), dkv.sum(0), d_proj_weight,
+            d_proj_bias, dw, db, dnw, dnb, None, None, None, None, None, None, None)
+
+
+def _projected_sra_flops(x_shape, H, W, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape,
+                         proj_weight_shape, proj_bias_shape, sr_weight_shape, sr_bias_shape, norm_weight_shape,
+                         norm_bias_shape, sr_ratio, linear, eps, heads, *args, out_shape=None, **kwargs) -> int:
+    B, N, C = x_shape
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    kv = (B, heads, Hr * Wr, C // heads)
+    return (conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear) + 2 * B * Hr * Wr * C * 2 * C
+            + 2 * (2 * B * N * C * C) + sdpa_flop_count((B, heads, N, C // heads), kv, kv))
+
+
+projected_sra_op, projected_sra = register(
+    "projected_sra", _projected_sra, fake=_projected_sra_fake, flops=_projected_sra_flops,
+    setup_context=_projected_sra_setup_context, backward=_projected_sra_autograd)
+"""projected_sra(x, H, W, the ten weights, sr_ratio, linear, eps, heads, scale, save, deterministic) -> (out, q,
+o, lse, kv, then the reduction's outputs): the whole reducing SRA of the fused-projection path."""

@@ -27,6 +27,7 @@ import triton.language as tl
 from ..reference import LINEAR_POOL_SIZE
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
+from .registration import register
 
 _TARGET_PROGRAMS = 528
 """Programs a reduction grid should offer before it is split further: 4 waves of an H100's 132 SMs."""
@@ -480,15 +481,32 @@ def spatial_reduce_backward(
     grad_y: torch.Tensor, x: torch.Tensor, H: int, W: int,
     sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
     z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor,
-    sr_ratio: int, linear: bool, eps: float, dx_accumulate: torch.Tensor | None = None,
+    sr_ratio: int, linear: bool, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`spatial_reduce_forward`; grad_y (B, M, C) any strides; z .. pooled as it returned.
 
     Returns (dx (B, N, C) contiguous, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias), each with the
     shape and dtype of its input. Tokens the strided conv never reads get dx exactly 0. Deterministic.
-    ``dx_accumulate``: a contiguous (B, N, C) tensor in x.dtype (e.g. the gradient of x through another
-    path) to which the gradient is added in place, in the same pass that writes it; it is returned as dx.
     """
+    return _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+                     sr_ratio, linear, eps, None)
+
+
+def spatial_reduce_backward_into(
+    dx_accumulate: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, H: int, W: int,
+    sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+    z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor,
+    sr_ratio: int, linear: bool, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`spatial_reduce_backward`, its dx added in place to ``dx_accumulate`` (a contiguous (B, N, C)
+    tensor in x.dtype, e.g. the gradient of x through another path) in the same pass that writes it;
+    ``dx_accumulate`` is returned as dx."""
+    return _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+                     sr_ratio, linear, eps, dx_accumulate)
+
+
+def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+              sr_ratio, linear, eps, dx_accumulate):
     if not linear and sr_ratio <= 1:
         raise ValueError(f"sr_ratio must be > 1 outside linear mode (sr_ratio 1 is the identity), got {sr_ratio}")
     B, N, C = x.shape
@@ -552,3 +570,124 @@ def spatial_reduce_backward(
         image[:, : Hr * sr, Wr * sr:].zero_()
     return (dx, d_sr_weight, d_sr_bias.to(sr_bias.dtype), d_norm_weight.to(norm_weight.dtype),
             d_norm_bias.to(norm_bias.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library ops: spatial_reduce, and project_and_reduce (the q projection too: the two consumers of x,
+# whose backward adds the reduction's dx into the q path's in the pass that writes it)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reduction_outputs_fake(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps):
+    """The outputs of :func:`spatial_reduce_forward` as meta tensors (also part of the fused-projection ops')."""
+    B, _, C = x.shape
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    stats = x.new_empty((B, Hr * Wr), dtype=torch.float32)
+    pooled = x.new_empty((B, LINEAR_POOL_SIZE ** 2 if linear else 0, C))
+    return x.new_empty((B, Hr * Wr, C)), x.new_empty((B, Hr * Wr, C)), stats, torch.empty_like(stats), pooled
+
+
+def _spatial_reduce_backward_fake(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, *saved_and_geometry):
+    return (x.new_empty(x.shape), sr_weight.new_empty(sr_weight.shape), sr_bias.new_empty(sr_bias.shape),
+            norm_weight.new_empty(norm_weight.shape), norm_bias.new_empty(norm_bias.shape))
+
+
+def conv_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear) -> int:
+    """2 * B * M * C_out * (C_in * kernel area): the conv as a GEMM over reduced tokens."""
+    Hr, Wr = reduced_size(H, W, sr_ratio, linear)
+    c_out, c_in, kh, kw = sr_weight_shape
+    return 2 * x_shape[0] * Hr * Wr * c_out * c_in * kh * kw
+
+
+spatial_reduce_backward_op, spatial_reduce_backward_call = register(
+    "spatial_reduce_backward", spatial_reduce_backward, fake=_spatial_reduce_backward_fake,
+    flops=lambda grad_y_shape, x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs:
+        2 * conv_flops(x_shape, H, W, sr_weight_shape, args[-3], args[-2]))  # grad input + grad weight
+
+
+def _spatial_reduce_setup_context(ctx, inputs, output):
+    x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps = inputs
+    _, z, mean, rstd, pooled = output
+    ctx.save_for_backward(x, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled)
+    ctx.geometry = (H, W, sr_ratio, linear, eps)
+    ctx.mark_non_differentiable(z, mean, rstd, pooled)
+
+
+def _spatial_reduce_autograd(ctx, grad_y, *_unused_grads):
+    x, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
+    H, W, sr_ratio, linear, eps = ctx.geometry
+    dx, dw, db, dnw, dnb = spatial_reduce_backward_call(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
+                                             z, mean, rstd, pooled, sr_ratio, linear, eps)
+    return dx, None, None, dw, db, dnw, dnb, None, None, None
+
+
+spatial_reduce_op, spatial_reduce = register(
+    "spatial_reduce", spatial_reduce_forward, fake=reduction_outputs_fake,
+    flops=lambda x_shape, H, W, sr_weight_shape, *args, out_shape=None, **kwargs:
+        conv_flops(x_shape, H, W, sr_weight_shape, args[3], args[4]),
+    setup_context=_spatial_reduce_setup_context, backward=_spatial_reduce_autograd)
+"""spatial_reduce(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps) -> the outputs of
+:func:`spatial_reduce_forward`; differentiable in x and the four parameters."""
+
+
+def _project_and_reduce(
+    x: torch.Tensor, H: int, W: int, q_weight: torch.Tensor, q_bias: torch.Tensor | None, sr_weight: torch.Tensor,
+    sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, sr_ratio: int, linear: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, H*W, C) -> (q = x W_q^T + b_q (B, N, C), then the outputs of :func:`spatial_reduce_forward`)."""
+    q = torch.nn.functional.linear(x, q_weight, q_bias)
+    return (q, *spatial_reduce_forward(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps))
+
+
+def project_and_reduce_backward(
+    grad_q: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, H: int, W: int, q_weight: torch.Tensor,
+    sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+    z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor, sr_ratio: int, linear: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx = grad_q W_q + the reduction's dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias)."""
+    dx = torch.mm(grad_q.reshape(-1, x.shape[-1]), q_weight).view(x.shape)
+    return spatial_reduce_backward_into(dx, grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
+                                        z, mean, rstd, pooled, sr_ratio, linear, eps)
+
+
+project_and_reduce_backward_op, project_and_reduce_backward_call = register(
+    "project_and_reduce_backward", project_and_reduce_backward,
+    fake=lambda grad_q, grad_y, x, H, W, q_weight, *rest: _spatial_reduce_backward_fake(grad_y, x, H, W, *rest),
+    flops=lambda grad_q_shape, grad_y_shape, x_shape, H, W, q_weight_shape, sr_weight_shape, *args, out_shape=None,
+    **kwargs: (2 * x_shape[0] * x_shape[1] * q_weight_shape[0] * q_weight_shape[1]
+               + 2 * conv_flops(x_shape, H, W, sr_weight_shape, args[-3], args[-2])))
+"""Also the backward of the fused-projection path's reduction (:mod:`.projected_attention`)."""
+
+
+def _project_and_reduce_setup_context(ctx, inputs, output):
+    x, H, W, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps = inputs
+    _, _, z, mean, rstd, pooled = output
+    ctx.save_for_backward(x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled)
+    ctx.geometry = (H, W, sr_ratio, linear, eps)
+    ctx.has_q_bias = q_bias is not None
+    ctx.mark_non_differentiable(z, mean, rstd, pooled)
+
+
+def _project_and_reduce_autograd(ctx, grad_q, grad_y, *_unused_grads):
+    x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
+    H, W, sr_ratio, linear, eps = ctx.geometry
+    dx, dw, db, dnw, dnb = project_and_reduce_backward_call(
+        grad_q, grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+        sr_ratio, linear, eps)
+    C = x.shape[-1]
+    grad_q = grad_q.reshape(-1, C)
+    dq_bias = grad_q.sum(0) if ctx.has_q_bias else None
+    return dx, None, None, grad_q.T @ x.reshape(-1, C), dq_bias, dw, db, dnw, dnb, None, None, None
+
+
+project_and_reduce_op, project_and_reduce = register(
+    "project_and_reduce", _project_and_reduce,
+    fake=lambda x, H, W, q_weight, q_bias, *rest: (x.new_empty(x.shape), *reduction_outputs_fake(x, H, W, *rest)),
+    flops=lambda x_shape, H, W, q_weight_shape, q_bias_shape, sr_weight_shape, *args, out_shape=None, **kwargs:
+        (2 * x_shape[0] * x_shape[1] * q_weight_shape[0] * q_weight_shape[1]
+         + conv_flops(x_shape, H, W, sr_weight_shape, args[3], args[4])),
+    setup_context=_project_and_reduce_setup_context, backward=_project_and_reduce_autograd)
+"""project_and_reduce(x, H, W, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear,
+eps) -> (q, then the outputs of :func:`spatial_reduce_forward`); differentiable in x and every weight."""

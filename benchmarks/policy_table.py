@@ -1,0 +1,103 @@
+"""Generate ``sra_kernels/policy_table.json``, the measured table of ``backend="auto"``, from committed GPU results.
+
+    python -m benchmarks.policy_table [RESULTS_DIR ...] [--out sra_kernels/policy_table.json]
+
+Reads the op rows of every pytest-benchmark JSON file (``benchmarks/test_op_bench.py``'s, e.g. what
+``benchmarks/gpu.sh`` writes as ``bench.json``) under the results directories (default: every folder of ``benchmarks/results``, oldest first, so a newer run of the same
+row replaces an older one) and writes one row per measured (device, dtype, mode, shape) with the GPU ms
+per call (``gpu_ms``) of each provider, named by the path it ran:
+
+| provider | path |
+|---|---|
+| ``sra_kernels`` | ``cublas_projections`` (backend triton, unfused projections) |
+| ``sra_kernels_projected`` | ``fused_projections`` |
+| ``sdpa`` | ``sdpa`` |
+| ``compiled`` | ``compiled`` (torch.compile of the sdpa path: PyTorch's number under torch.compile) |
+
+Rows of the ``auto`` provider (the policy's own outcome) and rows without ``gpu_ms`` are left out.
+See :mod:`sra_kernels.policy` for how a call finds its row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "sra_kernels" / "policy_table.json"
+
+PROVIDER_PATHS = {"sra_kernels": "cublas_projections", "sra_kernels_projected": "fused_projections",
+                  "sdpa": "sdpa", "compiled": "compiled"}
+DTYPE_CLASSES = {"bf16": "16-bit", "fp16": "16-bit", "fp32": "float32"}
+KNOWN_CAPABILITIES = {"NVIDIA H200": (9, 0), "NVIDIA H100 80GB HBM3": (9, 0), "NVIDIA A100-SXM4-80GB": (8, 0)}
+"""For results files that predate ``capability`` in their machine info."""
+
+
+def _rows_of(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "benchmarks" not in data or "machine_info" not in data:
+        return []  # not a pytest-benchmark file
+    machine = data["machine_info"]
+    device = machine["device"]
+    capability = machine.get("capability") or KNOWN_CAPABILITIES.get(device)
+    if capability is None:
+        raise SystemExit(f"{path}: unknown compute capability of {device!r}: add it to KNOWN_CAPABILITIES")
+    source = f"{path.relative_to(ROOT).as_posix()} @ {machine.get('git_commit', 'unknown')[:7]}, " \
+             f"torch {machine.get('torch')}, triton {machine.get('triton')}"
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        path_name = PROVIDER_PATHS.get(info.get("provider"))
+        if info.get("kind") != "op" or path_name is None or info.get("gpu_ms") is None:
+            continue
+        rows.append(dict(device=device, capability=list(capability), dtype_class=DTYPE_CLASSES[info["dtype"]],
+                         backward=info["mode"] != "fwd", batch=info["batch"], tokens=info["N"],
+                         reduced_tokens=info["M"], channels=info["C"], heads=info["heads"],
+                         sr_ratio=info["sr_ratio"], linear=info["linear"], path=path_name,
+                         gpu_ms=round(info["gpu_ms"], 5), source=source))
+    return rows
+
+
+def build(result_dirs: list[Path]) -> dict:
+    """The table of every results file under ``result_dirs`` (later directories win a shared row)."""
+    merged: dict[tuple, dict] = {}
+    sources = []
+    for directory in result_dirs:
+        for path in sorted(directory.rglob("*.json")):
+            rows = _rows_of(path)
+            if rows:
+                sources.append(path.relative_to(ROOT).as_posix())
+            for row in rows:
+                key = (tuple(row["capability"]), row["dtype_class"], row["backward"], row["batch"], row["tokens"],
+                       row["reduced_tokens"], row["channels"], row["heads"], row["sr_ratio"], row["linear"])
+                entry = merged.setdefault(key, {k: v for k, v in row.items() if k not in ("path", "gpu_ms")}
+                                          | {"gpu_ms": {}})
+                entry["gpu_ms"][row["path"]] = row["gpu_ms"]
+                entry["source"] = row["source"]
+    rows = [merged[key] for key in sorted(merged, key=str)]
+    return {"generated_by": "python -m benchmarks.policy_table", "sources": sources, "rows": rows}
+
+
+def dumps(table: dict) -> str:
+    """The table as JSON with one row a line (readable diffs when a new run changes a row)."""
+    head = {k: v for k, v in table.items() if k != "rows"}
+    rows = ",\n".join("  " + json.dumps(row) for row in table["rows"])
+    return json.dumps(head, indent=1)[:-2] + ',\n "rows": [\n' + rows + "\n ]\n}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="*", type=Path, help="results directories (default: all, oldest first)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    dirs = [d.resolve() for d in args.results] or sorted(p for p in RESULTS.iterdir() if p.is_dir())
+    table = build(dirs)
+    args.out.write_text(dumps(table))
+    print(f"{args.out}: {len(table['rows'])} rows from {', '.join(table['sources'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
