@@ -11,14 +11,16 @@ Reported per launch: shared memory (Triton's metadata), registers and spill byte
 frame of ``cuobjdump -res-usage``, which in Triton kernels holds only spilled registers (ptxas -v calls it
 "stack frame"; its "spill stores" count store instructions' bytes, which can be more).
 
-    python -m tests.gpu_compile [--arch 80 90] [--json] [--full]
+    python -m tests.gpu_compile [--arch 80 90] [--json] [--full | --pvt]
 
 The default cases (~130 launches, ~160 CPU seconds: under 1.5 minutes on 2 free cores) are one per PVT
 stage and head-dim regime, covering every launcher branch (strided / linear, keys in one block / looped,
 deterministic / atomic) in fp32 and bf16, and fp16 once (its plans are bf16's: same shared memory, registers
 within a few). ``--full`` compiles the whole matrix (sr 2/4/8 x C 64/128/320/512, linear C 64..512, every
 (M, d) of M 49/256/1024 x d 32/40/64/128, deterministic and atomic, three dtypes: ~480 launches, ~10
-minutes on 2 cores).
+minutes on 2 cores). ``--pvt`` compiles the hot launches of pvt_v2_b2's real shapes (512x512 batch 16 and 224x224
+batch 64, bf16) as the plans route them. The table also says which tensor-core instructions each launch's SASS
+holds: on Hopper ``wgmma`` is what a hot launch wants; ``mma.sync`` means an sm_80-style tile.
 Run without TRITON_INTERPRET=1 (under the interpreter @triton.jit gives interpreted functions).
 Exit status: 0 all compiled; 1 a compile failed; 77 no toolchain here (nvidia backend or bundled ptxas).
 
@@ -90,6 +92,25 @@ FULL_CASES = dict(
 )
 
 
+def pvt_cases(model: str = "pvt_v2_b2", dtype: torch.dtype = BF16) -> dict:
+    """The hot launches of ``model`` at 512x512 (batch 16) and 224x224 (batch 64), stage by stage as the plans of
+    :mod:`sra_kernels.plan` route them: the reduction where the stage reduces, the attention (inference and
+    training), and the fused-projection kernels where that path applies."""
+    from sra_kernels.plan import Problem, fused_projections_refuse
+    from sra_kernels.shapes import model_stages
+
+    cases = dict(spatial=[], attention=[], projected=[])
+    for size, batch in ((512, 16), (224, 64)):
+        for s in model_stages(model, size, batch):
+            if s.reduces:
+                cases["spatial"].append(((batch, s.height, s.width, s.channels, s.sr_ratio, s.linear), (dtype,)))
+            cases["attention"].append(((batch, s.tokens, s.reduced_tokens, s.heads, s.head_dim, True), (dtype,)))
+            if fused_projections_refuse(Problem.of_shape(s, dtype, True)) is None:
+                cases["projected"] += [((batch, s.tokens, s.reduced_tokens, s.channels, s.heads, save), (dtype,))
+                                       for save in (True, False)]
+    return {kind: tuple(dict.fromkeys(found)) for kind, found in cases.items()}
+
+
 class Launch(NamedTuple):
     """One distinct kernel launch, ready for triton.compile (picklable)."""
 
@@ -143,7 +164,8 @@ def _recording(sm_count: int):
     patches = {(attention, "_num_sms"): lambda device: sm_count,
                (projected_attention, "_num_sms"): lambda device: sm_count,
                (attention, "_check_launchable"): _allow_meta(attention._check_launchable)}
-    projected_attention._plan.cache_clear()  # its plans depend on the (stubbed) SM count
+    attention._plan.cache_clear()  # the plans depend on the (stubbed) SM count
+    projected_attention._plan.cache_clear()
     for module in (spatial_reduce, attention, projected_attention):
         for name, fn in vars(module).items():
             if name.endswith("_kernel") and isinstance(fn, JITFunction):
@@ -304,12 +326,21 @@ def compile_launch(launch: Launch) -> dict:
             cubin.flush()
             usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin.name],
                                    capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin.name],
+                                  capture_output=True, text=True, check=True).stdout
     except Exception as error:  # noqa: BLE001 -- reported per launch; the run exits non-zero
         return dict(row, ok=False, error=_describe(error))
     return dict(row, ok=True, num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
                 shared=kernel.metadata.shared, registers=int(re.search(r"REG:(\d+)", usage).group(1)),
-                spill=int(re.search(r"STACK:(\d+)", usage).group(1)),
+                spill=int(re.search(r"STACK:(\d+)", usage).group(1)), mma=_mma_kind(sass),
                 seconds=round(time.perf_counter() - start, 2))
+
+
+def _mma_kind(sass: str) -> str:
+    """The tensor-core instructions of a kernel's SASS: "wgmma" (Hopper's HGMMA), "mma.sync" (HMMA, sm_80-style
+    tiles; on sm_90 any tile under 64 rows), both, or "none" (FMA only)."""
+    kinds = [name for name, op in (("wgmma", "HGMMA"), ("mma.sync", "HMMA")) if re.search(rf"\b{op}\b", sass)]
+    return "+".join(kinds) or "none"
 
 
 def _describe(error: Exception) -> str:
@@ -335,12 +366,13 @@ def compile_all(launches: list[Launch], workers: int) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """One line per launch: arch, kernel, dtype, warps, stages, smem, registers, spill, case and blocks."""
     lines = [f"{'arch':<5} {'kernel':<29} {'dtype':<8} {'w':>1} {'s':>1} {'smem':>6} {'regs':>4} {'spill':>5}"
-             "  case | blocks"]
+             f" {'mma':<14}  case | blocks"]
     for r in sorted(rows, key=lambda r: (r["arch"], r["kernel"], r["dtype"], r["case"])):
         head = f"sm_{r['arch']:<2} {r['kernel']:<29} {r['dtype']:<8} {r['num_warps']:>1} {r['num_stages']:>1}"
         blocks = " ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
         if r["ok"]:
-            lines.append(f"{head} {r['shared']:>6} {r['registers']:>4} {r['spill']:>5}  {r['case']} | {blocks}")
+            lines.append(f"{head} {r['shared']:>6} {r['registers']:>4} {r['spill']:>5} {r['mma']:<14}  {r['case']} | "
+                         f"{blocks}")
         else:
             lines.append(f"{head} FAILED  {r['case']} | {blocks}\n    " + r["error"].replace("\n", "\n    "))
     return "\n".join(lines)
@@ -351,6 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(SM_COUNT), choices=sorted(SM_COUNT))
     parser.add_argument("--json", action="store_true", help="print the report rows as a JSON list")
     parser.add_argument("--full", action="store_true", help="the whole case matrix (~10 minutes on 2 cores)")
+    parser.add_argument("--pvt", action="store_true", help="the hot launches of pvt_v2_b2's real shapes (bf16)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -360,7 +393,8 @@ def main(argv=None) -> int:
         print(f"SKIP: {problem}", file=sys.stderr)
         return EXIT_SKIP
     start = time.perf_counter()
-    rows = compile_all(capture(args.arch, FULL_CASES if args.full else CASES), args.workers)
+    cases = pvt_cases() if args.pvt else FULL_CASES if args.full else CASES
+    rows = compile_all(capture(args.arch, cases), args.workers)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     failed = sum(not r["ok"] for r in rows)
     print(f"{len(rows)} distinct launches, {failed} failed, {time.perf_counter() - start:.0f} s "

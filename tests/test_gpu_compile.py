@@ -35,12 +35,11 @@ is a heuristic bug. The plans spill at most ~220 bytes today (sm_80, head_dim 40
 on FMA units hold whole tiles in registers) are only reported."""
 
 
-@pytest.fixture(scope="module")
-def report() -> list[dict]:
-    """Report rows of tests/gpu_compile.py (one per distinct launch and arch), printed as a table."""
+def _compile_report(*args: str) -> list[dict]:
+    """Report rows of ``python -m tests.gpu_compile --json *args`` (one per distinct launch and arch), printed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-    done = subprocess.run([sys.executable, "-m", "tests.gpu_compile", "--json"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "tests.gpu_compile", "--json", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     if done.returncode == EXIT_SKIP:
         pytest.skip(done.stderr.strip().splitlines()[-1])
@@ -48,6 +47,18 @@ def report() -> list[dict]:
     rows = json.loads(done.stdout)
     print(format_table(rows))
     return rows
+
+
+@pytest.fixture(scope="module")
+def report() -> list[dict]:
+    """Every launcher branch at one shape per PVT stage and head-dim regime, sm_80 and sm_90."""
+    return _compile_report()
+
+
+@pytest.fixture(scope="module")
+def pvt_report() -> list[dict]:
+    """The hot launches of pvt_v2_b2 at its real shapes (512x512 B16, 224x224 B64, bf16) on sm_90."""
+    return _compile_report("--pvt", "--arch", "90")
 
 
 def _compiled(report):
@@ -81,3 +92,36 @@ def test_16bit_launches_barely_spill(report):
     print("launches that spill:\n" + format_table(spilling))
     over = [r for r in spilling if r["dtype"] in ("float16", "bfloat16") and r["spill"] > SPILL_LIMIT_16BIT]
     assert not over, "\n" + format_table(over)
+
+
+def test_attention_forward_neither_spills_nor_leaves_wgmma_on_hopper(report):
+    """K is loaded transposed (no per-query-block shared-memory rewrite) and longer key sets loop over 64-key
+    blocks: no spill at any head_dim and key count of the cases, on sm_90 in 16-bit, and wgmma throughout."""
+    rows = [r for r in _compiled(report) if r["kernel"] == "_fwd_kernel" and r["arch"] == 90
+            and r["dtype"] in ("float16", "bfloat16")]
+    assert rows and all(r["spill"] == 0 and r["mma"] == "wgmma" for r in rows), "\n" + format_table(rows)
+
+
+CLEAN_ON_HOPPER = ("_fwd_kernel", "_projected_fwd_kernel", "_bwd_kernel", "_conv_weight_grad_kernel")
+"""Hot kernels that compile to wgmma without spills at every pvt_v2_b2 shape on sm_90; the reduction kernels do
+not yet (the next test)."""
+
+
+def _hot(pvt_report, kernels):
+    return [r for r in _compiled(pvt_report) if r["kernel"] in kernels]
+
+
+def test_pvt_hot_launches_stay_clean_on_hopper(pvt_report):
+    rows = _hot(pvt_report, CLEAN_ON_HOPPER)
+    assert {r["kernel"] for r in rows} == set(CLEAN_ON_HOPPER)
+    dirty = [r for r in rows if r["spill"] or r["mma"] != "wgmma"]
+    assert not dirty, "\n" + format_table(dirty)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the reduction forward at C = 320 and its LayerNorm/input backward at "
+                   "C >= 128 run sm_80-style mma.sync tiles (16-32 rows); when they are fixed this passes, and the "
+                   "reduction kernels join CLEAN_ON_HOPPER")
+def test_pvt_reduction_launches_on_hopper(pvt_report):
+    rows = _hot(pvt_report, ("_reduce_norm_fwd_kernel", "_reduce_norm_bwd_input_kernel"))
+    dirty = [r for r in rows if r["spill"] or r["mma"] != "wgmma"]
+    assert rows and not dirty, "\n" + format_table(dirty)

@@ -55,9 +55,11 @@ def _store_tile(base, tile, rows, cols, stride_r, n_rows, n_cols):
 
 
 @triton.jit
-def _softmax_step(q, k, v, key_valid, m_i, l_i, acc, qk_scale):
-    """One online-softmax step of q (BN, BD) against keys k, v (BM, BD); m_i in the log2 domain."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+def _softmax_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale):
+    """One online-softmax step of q (BN, BD) against keys kt (BD, BM) (K transposed) and v (BM, BD); m_i in the
+    log2 domain. K arrives transposed from its load: a ``tl.trans`` of a loaded K tile is re-stored to shared
+    memory for every query block and spills at BM = 256 (tests/gpu_compile.py --pvt)."""
+    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
     s = tl.where(key_valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -68,12 +70,12 @@ def _softmax_step(q, k, v, key_valid, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _attend_one_key_block(q, k, v, key_valid, qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Softmax of q (BN, BD) over the keys k, v (BM, BD) of one block: (m_i, l_i, acc) as below."""
+def _attend_one_key_block(q, kt, v, key_valid, qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Softmax of q (BN, BD) over the keys kt (BD, BM), v (BM, BD) of one block: (m_i, l_i, acc) as below."""
     m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    return _softmax_step(q, k, v, key_valid, m_i, l_i, acc, qk_scale)
+    return _softmax_step(q, kt, v, key_valid, m_i, l_i, acc, qk_scale)
 
 
 @triton.jit
@@ -87,9 +89,9 @@ def _attend_key_blocks(q, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M,
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, M, BLOCK_M):
-        k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
+        kt = _load_tile(k_base, cols, start_m + keys, sk_d, sk_m, D, M, UPCAST)
         v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
-        m_i, l_i, acc = _softmax_step(q, k, v, start_m + keys < M, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _softmax_step(q, kt, v, start_m + keys < M, m_i, l_i, acc, qk_scale)
     return m_i, l_i, acc
 
 
@@ -172,13 +174,13 @@ def _fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     keys = tl.arange(0, BLOCK_M)
     if SINGLE_KV:
-        k = _load_tile(k_base, keys, cols, sk_m, sk_d, M, D, UPCAST)
+        kt = _load_tile(k_base, cols, keys, sk_d, sk_m, D, M, UPCAST)
         v = _load_tile(v_base, keys, cols, sv_m, sv_d, M, D, UPCAST)
     for qb in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
         rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
         q = _load_tile(q_base, rows, cols, sq_n, sq_d, N, D, UPCAST)
         if SINGLE_KV:
-            m_i, l_i, acc = _attend_one_key_block(q, k, v, keys < M, qk_scale, BLOCK_N, BLOCK_D)
+            m_i, l_i, acc = _attend_one_key_block(q, kt, v, keys < M, qk_scale, BLOCK_N, BLOCK_D)
         else:
             m_i, l_i, acc = _attend_key_blocks(q, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
                                                BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
@@ -337,7 +339,9 @@ def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: 
     else:
         # Longest key set kept whole on chip: K and V (and, backward, the fp32 dK/dV accumulators).
         kv_max = (128 if backward else 256) * 64 // max(block_d, 64)
-        block_m = max(16, next_power_of_2(M)) if M <= kv_max else min(kv_max, 64 if backward else 128)
+        # Longer key sets loop over 64-key blocks: 128-key blocks spilled 32-96 bytes per thread on sm_90
+        # (M = 1024 at d = 64, M = 256 at d = 128; tests/gpu_compile.py), 64 none. Not yet timed on a GPU.
+        block_m = max(16, next_power_of_2(M)) if M <= kv_max else 64
         # Measured on an H200 (benchmarks/sweep_attention.py, d = 64, M = 256): 64-row query blocks
         # and 4 warps beat 8 warps by 1.5-2x in both passes. head_dim > 64 needs 8 warps not to spill.
         block_n = 32 if backward and block_m * block_d > 64 * 64 else 64

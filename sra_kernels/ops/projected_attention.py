@@ -92,7 +92,7 @@ def _projected_fwd_kernel(
             if KV_FROM_X:
                 k = _project_rows(x, WKV + hh * D * C, BKV + hh * D, cols, channels, C, D, dtype, UPCAST)
                 v = _project_rows(x, WKV + (C + hh * D) * C, BKV + C + hh * D, cols, channels, C, D, dtype, UPCAST)
-                m_i, l_i, acc = _attend_one_key_block(q, k, v, rows < N, qk_scale, BLOCK_N, BLOCK_D)
+                m_i, l_i, acc = _attend_one_key_block(q, tl.trans(k), v, rows < N, qk_scale, BLOCK_N, BLOCK_D)
             else:
                 m_i, l_i, acc = _attend_key_blocks(q, K + b * sk_b + hh * sk_h, sk_m, sk_d, V + b * sv_b + hh * sv_h,
                                                    sv_m, sv_d, keys, cols, M, D, qk_scale,
