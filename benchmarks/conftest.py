@@ -130,10 +130,13 @@ def pytest_terminal_summary(terminalreporter, config):
               "scores = one (B, h, N, M) "
               "matrix):")
         write(report.cost_table(list(results.costs.values())))
-    for kind in ("op", "model"):
+    tables = {"op": ("op timings (median ms)", report.op_table), "model": ("model timings (median ms)",
+                                                                           report.model_table),
+              "host": ("host time per eager call (us; kernels stubbed out, CPU, tiny shapes)", report.host_table)}
+    for kind, (title, table) in tables.items():
         if any(row["kind"] == kind for row in results.rows):
-            write(f"\n{kind} timings (median ms):")
-            write(report.op_table(results.rows) if kind == "op" else report.model_table(results.rows))
+            write(f"\n{title}:")
+            write(table(results.rows))
             for field, (what, _) in report.PER_PROVIDER_TABLES.items():
                 if any(row["kind"] == kind and row.get(field) is not None for row in results.rows):
                     write(f"\n{kind} {what}:")

@@ -3,9 +3,10 @@
     python -m benchmarks.policy_table [RESULTS_DIR ...] [--out sra_kernels/policy_table.json]
 
 Reads the op rows of every pytest-benchmark JSON file (``benchmarks/test_op_bench.py``'s, e.g. what
-``benchmarks/gpu.sh`` writes as ``bench.json``) under the results directories (default: every folder of ``benchmarks/results``, oldest first, so a newer run of the same
-row replaces an older one) and writes one row per measured (device, dtype, mode, shape) with the GPU ms
-per call (``gpu_ms``) of each provider, named by the path it ran:
+``benchmarks/gpu.sh`` writes as ``bench.json``) under the results directories (default: every folder of
+``benchmarks/results``, oldest first, so a newer run of the same row replaces an older one) and writes one
+row per measured (device, dtype, mode, shape) with the GPU ms per call (``gpu_ms``) of each provider, named
+by the path it ran:
 
 | provider | path |
 |---|---|
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from sra_kernels.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dirs = [d.resolve() for d in args.results] or sorted(p for p in RESULTS.iterdir() if p.is_dir())
     table = build(dirs)
-    args.out.write_text(dumps(table))
+    atomic_write_text(args.out, dumps(table))
     print(f"{args.out}: {len(table['rows'])} rows from {', '.join(table['sources'])}")
     return 0
 

@@ -6,7 +6,7 @@ writes ``DIR/report.md`` and ``DIR/speedups.png`` (DIR defaults to the first JSO
 prints the Markdown. Several files (e.g. one run per provider) are merged; speedups are recomputed
 across all of them. The tables here also make the terminal summary of ``pytest benchmarks/``.
 
-Rows are the ``extra_info`` dicts the benchmarks write: ``kind`` ("op" or "model"), ``case`` (the
+Rows are the ``extra_info`` dicts the benchmarks write: ``kind`` ("op", "model" or "host"), ``case`` (the
 shape key shared by all providers), ``provider``, ``median_ms``, ``peak_mem_mb`` and kind-specific
 fields (see ``_fields`` in benchmarks/test_op_bench.py and the ``record`` calls of both suites).
 """
@@ -19,6 +19,8 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from sra_kernels.files import atomic_open, atomic_write_text
 
 PROVIDERS = ("auto", "sra_kernels", "sra_kernels_projected", "compiled", "sdpa", "reference")
 """Column order; ``auto`` is the default policy, ``sra_kernels`` our triton backend's unfused-projection path."""
@@ -157,6 +159,20 @@ def model_table(rows: list[dict]) -> str:
     return markdown_table(headers, lines)
 
 
+def host_table(rows: list[dict]) -> str:
+    """Host microseconds per eager call (device work stubbed out) per provider, with the subject's ratios."""
+    cases = _cases(rows, "host")
+    providers, subject = _present(cases)
+    headers = ["shape", "mode"] + [f"{p} us" for p in providers] + _speedup_columns(subject, providers)
+    lines = []
+    for by_provider in cases.values():
+        first = next(iter(by_provider.values()))
+        line = [first["shape"], first["mode"]]
+        line += [None if ms is None else ms * 1e3 for ms in _per_provider(by_provider, providers, "median_ms")]
+        lines.append(line + _speedups(by_provider, subject, providers))
+    return markdown_table(headers, lines)
+
+
 PER_PROVIDER_TABLES = {
     "peak_mem_mb": ("peak memory (MB above the inputs)", "peak MB"),
     "gpu_ms": ("GPU kernel ms per call (torch.profiler; the median above adds the host's launch gaps)", "GPU ms"),
@@ -188,7 +204,8 @@ def markdown(rows: list[dict], machines: list[dict]) -> str:
     for i, machine in enumerate(machines):
         parts += [f"Run {i + 1}:", *machine_lines(machine), ""]
     for kind, title, table in (("op", "SRA op: median ms per provider", op_table),
-                               ("model", "Models: median ms per step", model_table)):
+                               ("model", "Models: median ms per step", model_table),
+                               ("host", "Host time: us per eager call, device work stubbed out", host_table)):
         if any(r["kind"] == kind for r in rows):
             parts += [f"## {title}", "", table(rows), ""]
         for field, (what, _) in PER_PROVIDER_TABLES.items():
@@ -248,7 +265,8 @@ def speedup_chart(rows: list[dict], path: Path) -> None:
         if providers:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path) as file:
+        fig.savefig(file, format=path.suffix[1:] or None, dpi=120)
     plt.close(fig)
 
 
@@ -264,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.json[0].parent
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, machines)
-    (out / "report.md").write_text(text + "\n")
+    atomic_write_text(out / "report.md", text + "\n")
     speedup_chart(rows, out / "speedups.png")
     print(text)
     print(f"\nwrote {out / 'report.md'} and {out / 'speedups.png'}")

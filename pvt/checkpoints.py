@@ -80,8 +80,9 @@ def load_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True):
     A classifier head in the state dict is dropped when the model has none (MiT backbones,
     ``num_classes=0``); PVT v1 position embeddings saved for another square image size are resized.
 
-    Returns torch's ``(missing_keys, unexpected_keys)``. Raises RuntimeError listing the missing and
-    unexpected keys (with ``strict``) and any shape mismatch (always).
+    Returns torch's ``(missing_keys, unexpected_keys)``. Raises TypeError naming a key of the model whose
+    value is not a tensor, RuntimeError listing the missing and unexpected keys (with ``strict``) and any
+    shape mismatch (always).
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
@@ -91,6 +92,9 @@ def load_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True):
     expected = model.state_dict()
     if not any(k.startswith("head.") for k in expected):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    for key, value in state_dict.items():
+        if key in expected and not isinstance(value, torch.Tensor):
+            raise TypeError(f"state dict entry {key!r} is {type(value).__name__}, not a tensor")
     state_dict = _resize_pos_embeds(model, state_dict, expected)
 
     missing = [k for k in expected if k not in state_dict]
@@ -107,7 +111,16 @@ def load_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True):
     return model.load_state_dict(state_dict, strict=strict)
 
 
+def read_checkpoint(path: str | os.PathLike):
+    """``torch.load`` of a local file onto the CPU, weights_only; ValueError naming the file when it is empty."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint file {os.fspath(path)!r} is empty (0 bytes): it holds no checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True):
     """Load a local checkpoint file (no downloads) with :func:`load_state_dict`; weights_only loading."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return load_state_dict(model, checkpoint, strict=strict)
+    try:
+        return load_state_dict(model, read_checkpoint(path), strict=strict)
+    except TypeError as error:
+        raise TypeError(f"{os.fspath(path)}: {error}") from error

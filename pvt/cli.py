@@ -15,6 +15,49 @@ import argparse
 from .registry import list_models
 
 
+def _int_at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+
+
+def _device(text: str):
+    """An argparse ``type``: a torch.device that exists here (``cuda:N`` needs N + 1 visible GPUs)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return device
+
+
+def _check_img_size(parser: argparse.ArgumentParser, model: str, img_size: tuple[int, int]) -> None:
+    """Exit with a usage error when ``model`` cannot run at ``img_size`` (a shapes-only pass on the meta device)."""
+    import torch
+
+    from .registry import create_model
+
+    try:
+        with torch.device("meta"), torch.no_grad():
+            create_model(model, num_classes=0, backend="reference").eval()(torch.empty(1, 3, *img_size))
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--img-size {img_size[0]} {img_size[1]} is too small for {model}: {error}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pvt", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,56 +66,64 @@ def _parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="parameters, GFLOPs and per-stage N, M, C, heads")
     info.add_argument("model", **models)
-    info.add_argument("--img-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
-    info.add_argument("--num-classes", type=int, default=1000)
+    info.add_argument("--img-size", type=POSITIVE, nargs=2, default=(224, 224), metavar=("H", "W"))
+    info.add_argument("--num-classes", type=NON_NEGATIVE, default=1000)
 
     bench = commands.add_parser("bench", help="images/s and peak memory per attention backend")
     bench.add_argument("model", **models)
-    bench.add_argument("--batch", type=int, required=True)
-    bench.add_argument("--img-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    bench.add_argument("--batch", type=POSITIVE, required=True)
+    bench.add_argument("--img-size", type=POSITIVE, nargs=2, default=(224, 224), metavar=("H", "W"))
     bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     bench.add_argument("--train", action="store_true", help="time forward+backward instead of forward")
     bench.add_argument("--backends", nargs="+", choices=("reference", "sdpa", "triton"),
                        help="default: every backend that runs here")
-    bench.add_argument("--steps", type=int, default=20, help="timed steps per backend")
-    bench.add_argument("--warmup", type=int, default=5, help="untimed steps per backend first")
-    bench.add_argument("--device", help="default: cuda when present, else cpu")
+    bench.add_argument("--steps", type=POSITIVE, default=20, help="timed steps per backend")
+    bench.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="untimed steps per backend first")
+    bench.add_argument("--device", type=_device, help="default: cuda when present, else cpu")
 
     train = commands.add_parser("train", help="a short training run on scikit-learn's digits (torchrun-ready)")
     train.add_argument("model", **models)
-    train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--batch-size", type=int, default=64, help="per process")
+    train.add_argument("--epochs", type=POSITIVE, default=3)
+    train.add_argument("--batch-size", type=POSITIVE, default=64, help="per process")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=0.05)
-    train.add_argument("--img-size", type=int, nargs=2, default=(32, 32), metavar=("H", "W"))
+    train.add_argument("--img-size", type=POSITIVE, nargs=2, default=(32, 32), metavar=("H", "W"))
     train.add_argument("--backend", choices=("auto", "reference", "sdpa", "triton"), default="auto")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--subset", type=int, metavar="N", help="train on N of the 1437 training images (quick runs)")
+    train.add_argument("--subset", type=POSITIVE, metavar="N",
+                       help="train on N of the 1437 training images (quick runs)")
     train.add_argument("--save", metavar="PATH", help="checkpoint written after every epoch")
     train.add_argument("--resume", metavar="PATH", help="continue from a --save checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for command in (info, bench, train):
+        command.set_defaults(usage=command)  # usage errors found after parsing name the command's own usage
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    img_size = tuple(getattr(args, "img_size", ()))
+    img_size = tuple(args.img_size)
+    _check_img_size(args.usage, args.model, img_size)
     if args.command == "info":
         from .info import format_info, model_info
 
         print(format_info(model_info(args.model, img_size, num_classes=args.num_classes)))
     elif args.command == "bench":
-        import torch
-
         from .bench import bench_model, default_device, format_results
 
-        device = torch.device(args.device) if args.device else default_device()
+        device = args.device or default_device()
         results = bench_model(args.model, args.batch, img_size, args.dtype, args.train, args.backends,
                               args.steps, args.warmup, device)
         print(format_results(args.model, args.batch, img_size, args.dtype, args.train, device, results))
     else:
-        from .train import TrainConfig, train
+        from .train import TrainConfig, prepare_save_folder, train
 
+        if args.save:
+            try:
+                prepare_save_folder(args.save)
+            except ValueError as error:
+                args.usage.error(f"--save: {error}")
         train(TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, img_size=img_size, backend=args.backend,
-                          seed=args.seed, subset=args.subset, save=args.save, resume=args.resume, progress=not args.no_progress))
+                          seed=args.seed, subset=args.subset, save=args.save, resume=args.resume,
+                          progress=not args.no_progress))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
-from .checkpoints import load_state_dict
+from sra_kernels.files import atomic_open
+
+from .checkpoints import load_state_dict, read_checkpoint
 from .progress import ProgressBar
 from .registry import create_model
 
@@ -89,10 +92,29 @@ def _setup_distributed() -> tuple[bool, int, torch.device]:
     return True, dist.get_rank(), device
 
 
+def prepare_save_folder(path: str | os.PathLike) -> None:
+    """Create the folder of checkpoint file ``path`` when missing; ValueError when ``path`` cannot be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"cannot save checkpoints to {path}: it is a folder, not a file")
+    folder = target.parent
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot save checkpoints to {path}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot save checkpoints to {path}: cannot create {folder}: {error.strerror}") from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot save checkpoints to {path}: {folder} is not writable")
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Train ``cfg.model`` on digits; returns one dict per epoch run (train_loss, train_acc, val_loss,
     val_acc; empty dicts on ranks other than 0). Saves {model, optimizer, epoch, model_name} to
-    ``cfg.save`` after every epoch and continues from ``cfg.resume``'s next epoch."""
+    ``cfg.save`` after every epoch (atomically: a kill leaves the previous epoch's file) and continues
+    from ``cfg.resume``'s next epoch."""
+    if cfg.save:
+        prepare_save_folder(cfg.save)
     distributed, rank, device = _setup_distributed()
     try:
         return _train(cfg, distributed, rank, device)
@@ -110,12 +132,15 @@ def _train(cfg: TrainConfig, distributed: bool, rank: int, device: torch.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch = 0
     if cfg.resume:
-        checkpoint = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(cfg.resume)
         if checkpoint.get("model_name") != cfg.model:
             raise ValueError(f"{cfg.resume} holds {checkpoint.get('model_name')!r}, not {cfg.model!r}")
         load_state_dict(model, checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch = checkpoint["epoch"] + 1
+        if start_epoch >= cfg.epochs:
+            raise ValueError(f"{cfg.resume} already holds epoch {start_epoch} of {cfg.epochs}: nothing to train "
+                             "(epochs counts the resumed ones too)")
     net = model
     if distributed:
         # DWConv weights (C, 1, 3, 3) get grads whose size-1 dim has another stride than DDP's bucket
@@ -172,6 +197,7 @@ def _finish_epoch(cfg: TrainConfig, model, optimizer, epoch: int, totals: torch.
     print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.3f} | "
           f"val loss {val_loss:.4f} acc {val_acc:.3f}", flush=True)
     if cfg.save:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "model_name": cfg.model}, cfg.save)
+        with atomic_open(cfg.save) as file:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "model_name": cfg.model}, file)
     return stats

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .files import atomic_write_text
 from .options import DEFAULTS
 
 REPEATS = 5
@@ -78,7 +79,7 @@ class Autotuner:
         self.choices[key] = best
         if self.cache_file is not None:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            self.cache_file.write_text(json.dumps(self.choices, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(self.cache_file, json.dumps(self.choices, indent=1, sort_keys=True) + "\n")
         timed = ", ".join(f"{path} {seconds * 1e3:.3f}" for path, seconds in times.items())
         return best, f"autotuned on this call's inputs: ms {timed}"
 

@@ -18,13 +18,20 @@ def interpreter_enabled() -> bool:
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 """Looked up once: torch.compile (2.11) breaks the graph on ``find_spec``."""
 
+KERNELS_INTERPRETED = interpreter_enabled()
+"""Whether the kernels were made for Triton's interpreter: ``TRITON_INTERPRET`` when sra_kernels was imported
+(``@triton.jit`` reads it when the kernels are defined)."""
+
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the triton backend cannot run on ``device`` (None when it can)."""
     if not TRITON_INSTALLED:
         return "Triton is not installed (pip install triton; Linux only)"
-    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled() and KERNELS_INTERPRETED):
         return None
+    if device.type == "cpu" and interpreter_enabled():
+        return ("TRITON_INTERPRET=1 was set after sra_kernels was imported, so its kernels were built for GPUs: "
+                "set it before the import (slow; meant for tests), or move the tensors to a CUDA device")
     if device.type == "cpu":
         return ("the triton backend runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before importing sra_kernels (slow; meant for tests), or move the tensors to a CUDA device")

@@ -79,6 +79,8 @@ def plan_call(x: torch.Tensor, size, weights: SRAWeights, kwargs, backend: str, 
     compiling = torch.compiler.is_compiling()
     if compiling:
         return plan_sra(problem, device, backend, options, dropout_p=dropout_p, compiling=True, defaults=defaults)
+    if torch.jit.is_tracing():
+        return plan_sra(problem, device, backend, options, dropout_p=dropout_p, jit_tracing=True, defaults=defaults)
     key = (problem, device, backend, options, dropout_p > 0, defaults)
     plan = _PLANS.get(key)
     if plan is None:

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .functional import sra_attention
+from .options import check_backend_name
 from .reference import LINEAR_POOL_SIZE
+from .validation import check_int
 
 
 class SpatialReductionAttention(nn.Module):
@@ -29,8 +31,15 @@ class SpatialReductionAttention(nn.Module):
                  norm_eps: float = 1e-5, backend: str = "auto", fuse_projections: bool | None = None,
                  deterministic: bool | None = None, autotune: bool | None = None):
         super().__init__()
+        dim = check_int("dim", dim, minimum=1)
+        num_heads = check_int("num_heads", num_heads, minimum=1)
         if dim % num_heads != 0:
             raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+        sr_ratio = check_int("sr_ratio", sr_ratio, minimum=1)
+        if not isinstance(linear, bool):
+            raise TypeError(f"linear must be a bool, got {linear!r}")
+        self.configure(backend=backend, fuse_projections=fuse_projections, deterministic=deterministic,
+                       autotune=autotune)
         self.dim = dim
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
@@ -42,10 +51,6 @@ class SpatialReductionAttention(nn.Module):
         self.linear = linear
         self.sr_ratio = sr_ratio
         self.norm_eps = norm_eps
-        self.backend = backend
-        self.fuse_projections = fuse_projections
-        self.deterministic = deterministic
-        self.autotune = autotune
         if linear:
             self.pool = nn.AdaptiveAvgPool2d(LINEAR_POOL_SIZE)
             self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
@@ -100,6 +105,10 @@ class SpatialReductionAttention(nn.Module):
         for name, value in options.items():
             if name not in ATTENTION_OPTIONS:
                 raise TypeError(f"unknown attention option {name!r}; options: {', '.join(ATTENTION_OPTIONS)}")
+            if name == "backend":
+                check_backend_name(value)
+            elif value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool or None, got {value!r}")
             setattr(self, name, value)
 
 

@@ -17,8 +17,11 @@ inside a call, so a traced (``torch.compile``) call sees exactly the arguments i
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
+
+import torch
 
 BACKENDS = ("reference", "sdpa", "triton")
 """What ``backend=`` may name besides ``auto``."""
@@ -56,6 +59,15 @@ class Defaults(NamedTuple):
     """Where ``backend`` came from, for error messages."""
 
 
+def check_backend_name(backend) -> str:
+    """``backend`` if it is ``auto`` or one of :data:`BACKENDS`, else a TypeError / ValueError naming it."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
 def _flag(environ: Mapping[str, str], name: str) -> bool | None:
     value = environ.get(name, "").strip()
     if value == "":
@@ -87,6 +99,20 @@ def resolve(fuse_projections: bool | None, deterministic: bool | None, autotune:
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool or None, got {value!r} ({type(value).__name__})")
     base = defaults.options
-    return Options(base.fuse_projections if fuse_projections is None else fuse_projections,
-                   base.deterministic if deterministic is None else deterministic,
+    deterministic = base.deterministic if deterministic is None else deterministic
+    if not deterministic and torch.are_deterministic_algorithms_enabled():
+        deterministic = _deterministic_anyway()
+    return Options(base.fuse_projections if fuse_projections is None else fuse_projections, deterministic,
                    base.autotune if autotune is None else autotune)
+
+
+def _deterministic_anyway() -> bool:
+    """deterministic=False (or SRA_KERNELS_ATOMIC_BACKWARD=1) under ``torch.use_deterministic_algorithms(True)``:
+    an error, as PyTorch raises for its own nondeterministic ops; with ``warn_only=True`` a warning, and the
+    deterministic backward runs."""
+    message = ("deterministic=False (fp32-atomic dK/dV, or SRA_KERNELS_ATOMIC_BACKWARD=1) contradicts "
+               "torch.use_deterministic_algorithms(True): pass deterministic=True (the default)")
+    if not torch.is_deterministic_algorithms_warn_only_enabled():
+        raise RuntimeError(message)
+    warnings.warn(message + "; running the deterministic backward", stacklevel=4)
+    return True

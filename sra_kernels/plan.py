@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .dispatch import triton_unavailable_reason
-from .options import BACKENDS, DEFAULTS, Defaults, Options
+from .options import BACKENDS, DEFAULTS, Defaults, Options, check_backend_name
 from .validation import (
     FUSED_PROJECTIONS_DTYPES,
     FUSED_PROJECTIONS_MAX_CHANNELS,
@@ -182,8 +182,7 @@ def fused_projections_refuse(problem: Problem) -> str | None:
 def resolve_backend(backend: str, device: torch.device, defaults: Defaults = DEFAULTS) -> tuple[str, bool]:
     """(backend, named): ``auto`` becomes the default backend; ``named`` is True when the call (or the
     environment) named a backend. Raises for an unknown name or a triton backend that cannot run here."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     source = "backend"
     if backend == "auto":
         backend, source = defaults.backend, defaults.source
@@ -203,8 +202,9 @@ Measure = Callable[[str], float]
 
 
 def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", options: Options = Options(), *,
-             dropout_p: float = 0.0, compiling: bool = False, measure: Measure | None = None,
-             defaults: Defaults = DEFAULTS, capability: tuple[int, int] | None = None) -> Plan:
+             dropout_p: float = 0.0, compiling: bool = False, jit_tracing: bool = False,
+             measure: Measure | None = None, defaults: Defaults = DEFAULTS,
+             capability: tuple[int, int] | None = None) -> Plan:
     """The plan of one SRA call (see the module docstring).
 
     * attention dropout (``dropout_p > 0``) runs ``sdpa``, whose fused attention applies it;
@@ -217,7 +217,8 @@ def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", opti
       cached), else the measured table (:mod:`sra_kernels.policy`), else ``sdpa``.
 
     ``compiling``: the call is being traced by torch.compile (the table then compares against compiled
-    PyTorch, and nothing is timed). ``capability``: the CUDA device's (major, minor), default read from it
+    PyTorch, and nothing is timed). ``jit_tracing``: ``torch.jit.trace`` is recording, which cannot record our
+    kernels (``auto`` runs ``sdpa``; ``triton`` raises). ``capability``: the CUDA device's (major, minor), default read from it
     (``python -m sra_kernels --explain`` passes one to show another GPU's plan).
     """
     from . import autotune, policy  # the table and the tuner import this module's paths
@@ -228,6 +229,10 @@ def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", opti
     backend, named = resolve_backend(backend, device, defaults)
     if backend in ("reference", "sdpa"):
         return make_plan(backend, problem, deterministic, f"backend={backend!r}")
+    if jit_tracing:
+        if named:
+            raise RuntimeError(JIT_TRACE_REFUSED)
+        return make_plan("sdpa", problem, deterministic, f"auto: {JIT_TRACE_REFUSED}")
     refused = kernels_refuse(problem) or (None if backend == "triton" else _auto_refuses(device))
     if refused:
         if named:
@@ -253,6 +258,10 @@ def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", opti
         return make_plan("cublas_projections", problem, deterministic,
                          "backend='triton': no measurement between its paths here, so the unfused projections")
     return make_plan("sdpa", problem, deterministic, f"auto: {policy.no_data_reason(problem, capability)}")
+
+
+JIT_TRACE_REFUSED = ("torch.jit.trace cannot record the triton backend's kernels: use torch.compile or torch.export, "
+                     "or backend='sdpa' for TorchScript")
 
 
 def _auto_refuses(device: torch.device) -> str | None:

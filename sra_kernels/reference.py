@@ -81,14 +81,14 @@ def reduced_kv_attention(
         scale: softmax scale; None means d ** -0.5.
 
     Returns:
-        (B, N, h, d).
+        (B, N, h, d), contiguous (so ``.view(B, N, h * d)`` is the token layout).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     attn = (q @ k.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
-    return (attn @ v).transpose(1, 2)
+    return (attn @ v).transpose(1, 2).contiguous()
 
 
 def sra_attention(

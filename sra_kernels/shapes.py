@@ -34,7 +34,7 @@ class SRAShape:
             raise ValueError(f"heads must divide channels, got channels={self.channels}, heads={self.heads}")
         if self.cls_token and self.reduces:
             raise ValueError("a cls token needs sr_ratio 1 and linear=False (PVT v1's last stage)")
-        if self.sr_ratio > min(self.size):
+        if self.sr_ratio > min(self.size) and not self.linear:  # linear SRA pools to 7x7: sr_ratio is unused
             raise ValueError(f"sr_ratio {self.sr_ratio} exceeds the {self.label} token grid")
 
     @property

@@ -74,6 +74,8 @@ def check_tokens(name: str, x, dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
     if x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have C >= 1 channels, got shape {tuple(x.shape)}")
     return x
 
 
@@ -113,7 +115,8 @@ def check_spatial_reduction_args(x, size, sr_weight, sr_bias, norm_weight, norm_
     H, W = check_size(size, N)
     if not isinstance(linear, bool):
         raise TypeError(f"linear must be a bool, got {_describe(linear)}")
-    sr_ratio = check_int("sr_ratio", sr_ratio, minimum=1, maximum=min(H, W))
+    # linear SRA pools to 7x7 whatever the grid: sr_ratio is unused there, so any ratio >= 1 passes
+    sr_ratio = check_int("sr_ratio", sr_ratio, minimum=1, maximum=None if linear else min(H, W))
     eps = check_positive_float("eps", eps)
     if linear or sr_ratio > 1:
         kernel = 1 if linear else sr_ratio
@@ -121,6 +124,12 @@ def check_spatial_reduction_args(x, size, sr_weight, sr_bias, norm_weight, norm_
         check_parameter("sr_bias", sr_bias, (C,), x, optional=True)
         check_parameter("norm_weight", norm_weight, (C,), x, optional=True)
         check_parameter("norm_bias", norm_bias, (C,), x, optional=True)
+    else:
+        given = [name for name, t in (("sr_weight", sr_weight), ("sr_bias", sr_bias), ("norm_weight", norm_weight),
+                                      ("norm_bias", norm_bias)) if t is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} must be None with sr_ratio 1 and linear=False (no reduction: keys "
+                             "and values come from x itself), got a tensor")
     return H, W, sr_ratio, eps
 
 

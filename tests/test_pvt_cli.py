@@ -1,9 +1,13 @@
-"""``python -m pvt``: info, bench, train (save / resume) and a 2-process DistributedDataParallel run."""
+"""``python -m pvt``: info, bench, train (save / resume, a kill while saving), a 2-process DistributedDataParallel
+run, and the usage errors of bad arguments."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,6 +88,9 @@ def test_train_save_and_resume(tmp_path, capsys):
     model = pvt.create_model("pvt_v2_b0", num_classes=10)
     pvt.load_state_dict(model, checkpoint)  # the {"model": sd} wrapper
 
+    with pytest.raises(ValueError, match="already holds epoch 2 of 2: nothing to train"):
+        main(["train", "pvt_v2_b0", "--epochs", "2", "--resume", str(path), *QUICK_TRAIN])
+
     with pytest.raises(ValueError, match="holds 'pvt_v2_b0', not 'pvt_v2_b1'"):
         main(["train", "pvt_v2_b1", "--epochs", "3", "--resume", str(path), *QUICK_TRAIN])
     with pytest.raises(ValueError, match="feature backbone"):
@@ -115,3 +122,110 @@ def test_ddp_rank_without_a_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="local rank 1 has no GPU of its own"):
         train._setup_distributed()
+
+
+SAVE_HALF_THEN_HANG = textwrap.dedent("""
+    import io, os, sys, time
+    import torch
+    from pvt.cli import main
+
+    real_save, saves = torch.save, []
+
+    def save_half_then_hang(obj, f, *args, **kwargs):
+        # The second save writes half its bytes where train.py sends them, then waits to be killed. A path is
+        # opened "wb" (truncating) just as torch.save opens one itself.
+        saves.append(f)
+        if len(saves) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        out = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        out.flush()
+        print("HANGING IN SAVE", flush=True)
+        time.sleep(600)
+
+    torch.save = save_half_then_hang
+    main(sys.argv[1:])
+""")
+
+
+def test_kill_during_save_keeps_the_last_checkpoint_and_resume_continues(tmp_path, capsys):
+    """SIGKILL while epoch 2's checkpoint is half written: epoch 1's file is still there and loadable, and
+    --resume trains epoch 2 again from it."""
+    path = tmp_path / "digits.pt"
+    child = subprocess.Popen([sys.executable, "-c", SAVE_HALF_THEN_HANG, "train", "pvt_v2_b0", "--epochs", "2",
+                              "--save", str(path), *QUICK_TRAIN],
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(120, child.kill)
+    watchdog.start()
+    try:
+        output = []
+        for line in child.stdout:
+            output.append(line)
+            if line.startswith("HANGING IN SAVE"):
+                child.send_signal(signal.SIGKILL)
+                break
+        assert child.wait() == -signal.SIGKILL, "".join(output)
+    finally:
+        watchdog.cancel()
+        child.stdout.close()
+    assert "epoch 2/2:" in "".join(output)  # killed while saving epoch 2
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 0 and int(checkpoint["optimizer"]["state"][0]["step"]) == 4
+    pvt.load_state_dict(pvt.create_model("pvt_v2_b0", num_classes=10), checkpoint)
+
+    main(["train", "pvt_v2_b0", "--epochs", "2", "--resume", str(path), "--save", str(path), *QUICK_TRAIN])
+    assert "epochs 2..2" in capsys.readouterr().out
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and int(checkpoint["optimizer"]["state"][0]["step"]) == 2 * 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("info pvt_v2_b0 --img-size 0 0", "argument --img-size: must be >= 1, got 0"),
+    ("info pvt_v2_b0 --img-size 32 -32", "argument --img-size: must be >= 1, got -32"),
+    ("info pvt_v2_b0 --num-classes -1", "argument --num-classes: must be >= 0, got -1"),
+    ("train pvt_v2_b0 --img-size 16 16", "--img-size 16 16 is too small for pvt_v2_b0"),
+    ("bench pvt_tiny --batch 1 --img-size 3 3", "--img-size 3 3 is too small for pvt_tiny"),
+    ("train pvt_v2_b0 --batch-size 0", "argument --batch-size: must be >= 1, got 0"),
+    ("bench pvt_v2_b0 --batch 0", "argument --batch: must be >= 1, got 0"),
+    ("bench pvt_v2_b0 --batch 1 --steps 0", "argument --steps: must be >= 1, got 0"),
+    ("train pvt_v2_b0 --epochs 0", "argument --epochs: must be >= 1, got 0"),
+    ("train pvt_v2_b0 --epochs -3", "argument --epochs: must be >= 1, got -3"),
+    ("train pvt_v2_b0 --epochs two", "argument --epochs: not an integer: 'two'"),
+    ("train pvt_v2_b0 --subset -5", "argument --subset: must be >= 1, got -5"),
+    ("bench pvt_v2_b0 --batch 1 --device bogus", "argument --device: not a torch device: 'bogus'"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    """argparse's exit status 2 and a message on stderr, before any work: no traceback, no silent exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv.split() + (["--no-progress"] if argv.startswith("train") else []))
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"python -m pvt {argv.split()[0]}: error: {message}" in captured.err and not captured.out
+
+
+def test_bench_refuses_a_cuda_device_that_is_not_here(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="2"):
+        main(["bench", "pvt_v2_b0", "--batch", "1", "--device", "cuda:1"])
+    assert "argument --device: cuda:1: no such CUDA device here (1 visible)" in capsys.readouterr().err
+
+
+def test_save_folder_is_checked_before_training(tmp_path, capsys):
+    """A --save that cannot be written is a usage error before any training; a missing folder is created."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    for save, message in ((not_a_folder / "digits.pt", f"{not_a_folder} is a file, not a folder"),
+                          (tmp_path, "it is a folder, not a file")):
+        with pytest.raises(SystemExit, match="2"):
+            main(["train", "pvt_v2_b0", "--save", str(save), *QUICK_TRAIN])
+        captured = capsys.readouterr()
+        assert f"python -m pvt train: error: --save: cannot save checkpoints to {save}: {message}" in captured.err
+        assert "training" not in captured.out
+
+    from pvt.train import prepare_save_folder
+
+    prepare_save_folder(tmp_path / "runs" / "digits" / "model.pt")
+    assert (tmp_path / "runs" / "digits").is_dir()

@@ -432,3 +432,38 @@ def test_projected_forward_launches(linear, sr, H, W, kernel_device, planned, la
     with torch.no_grad():
         want = module(x, H, W)
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("registered", [False, True])
+@pytest.mark.parametrize("fuse_projections", [False, True])
+def test_double_backward_is_refused_clearly(fuse_projections, registered, kernel_device, monkeypatch):
+    """create_graph=True through our ops (e.g. a gradient penalty) raises an error that names
+    backend='reference', in the eager fast path and through the registered ops alike, instead of silently
+    returning wrong or missing second-order gradients; the reference computes them."""
+    from sra_kernels.ops import registration
+
+    if registered:
+        monkeypatch.setattr(registration, "eager", lambda x: False)
+    dtype = torch.bfloat16 if fuse_projections else torch.float32
+    module = SpatialReductionAttention(16, 2, qkv_bias=True, sr_ratio=2, backend="triton",
+                                       fuse_projections=fuse_projections).to(kernel_device, dtype)
+    x = torch.randn(2, 36, 16, device=kernel_device, dtype=dtype, requires_grad=True)
+    for inputs in ([x], [x, *module.parameters()]):
+        with pytest.raises(RuntimeError, match="no double backward .* backend='reference'"):
+            torch.autograd.grad(module(x, 6, 6).float().square().sum(), inputs, create_graph=True)
+    module.backend = "reference"
+    (g,) = torch.autograd.grad(module(x, 6, 6).float().square().sum(), x, create_graph=True)
+    g.float().square().sum().backward()
+    assert module.kv.weight.grad is not None and module.sr.weight.grad is not None
+
+
+def test_double_backward_under_torch_compile_raises(kernel_device):
+    """Compiled, PyTorch itself refuses the second backward (AOTAutograd has none): an error, not a wrong gradient."""
+    torch._dynamo.reset()
+    module = SpatialReductionAttention(16, 2, qkv_bias=True, sr_ratio=2, backend="triton").to(kernel_device)
+    compiled = torch.compile(module, fullgraph=True, backend="inductor" if kernel_device.type == "cuda" else "aot_eager")
+    x = torch.randn(2, 36, 16, device=kernel_device, requires_grad=True)
+    (g,) = torch.autograd.grad(compiled(x, 6, 6).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.square().sum().backward()
+    torch._dynamo.reset()

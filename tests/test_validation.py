@@ -194,6 +194,14 @@ def test_bad_options(name, value, error):
         sra_attention(**_args(), **{name: value})
 
 
+def _interpreted_kernels(monkeypatch):
+    """As if sra_kernels had been imported under TRITON_INTERPRET=1 (the calls below fail before any kernel)."""
+    from sra_kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", True)
+
+
 def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -201,7 +209,7 @@ def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
 
 
 def test_triton_rejects_float64(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _interpreted_kernels(monkeypatch)
     with pytest.raises(ValueError, match="fp32, fp16 or bf16 for backend 'triton'"):
         sra_attention(**_args(dtype=torch.float64), backend="triton")
 
@@ -238,15 +246,123 @@ def _wide_call(backend):
 
 
 def test_triton_rejects_large_head_dim(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _interpreted_kernels(monkeypatch)
     with pytest.raises(ValueError, match=r"head_dim \(C // num_heads\) must be <= 128 .*, got 160"):
         _wide_call("triton")
 
 
 def test_auto_falls_back_to_sdpa_where_kernels_cannot_run(monkeypatch):
     """auto (here resolving to triton through the environment) runs sdpa for head_dim > 128 and fp64."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _interpreted_kernels(monkeypatch)
     _environment_defaults(monkeypatch, SRA_KERNELS_BACKEND="triton")
     torch.testing.assert_close(_wide_call("auto"), _wide_call("sdpa"), rtol=0, atol=0)
     kwargs = _args(dtype=torch.float64)
     torch.testing.assert_close(sra_attention(**kwargs), sra_attention(**kwargs, backend="sdpa"), rtol=0, atol=0)
+
+
+def test_interpreter_switched_on_after_import_says_so(monkeypatch):
+    from sra_kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "KERNELS_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after sra_kernels was imported"):
+        sra_attention(**_args(), backend="triton")
+
+
+def test_linear_mode_takes_grids_smaller_than_its_sr_ratio():
+    """Linear SRA pools to 7x7 whatever the grid, so sr_ratio (PVTv2-li keeps the stage's 8) is unused."""
+    kwargs = _args(linear=True)
+    kwargs.update(x=kwargs["x"][:, :16], size=(4, 4), sr_ratio=8)
+    out = sra_attention(**kwargs, backend="reference")
+    torch.testing.assert_close(sra_attention(**kwargs, backend="sdpa"), out)
+    assert out.shape == (B, 16, C)
+
+
+def test_linear_model_runs_on_small_images():
+    pvt = pytest.importorskip("pvt")
+    model = pvt.create_model("pvt_v2_b2_li", num_classes=10, depths=(1, 1, 1, 1), backend="sdpa").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 28, 28)).shape == (1, 10)
+    from sra_kernels.shapes import model_stages
+
+    assert [s.reduced_tokens for s in model_stages("pvt_v2_b2_li", 28)] == [49] * 4
+
+
+def test_reduction_weights_are_refused_without_a_reduction():
+    kwargs = _args(sr=1)
+    with pytest.raises(ValueError, match="sr_weight, sr_bias, norm_weight, norm_bias must be None with sr_ratio 1"):
+        sra_attention(**kwargs, backend="reference")
+    kwargs.update(sr_weight=None, sr_bias=None, norm_weight=None, norm_bias=None)
+    assert sra_attention(**kwargs, backend="reference").shape == (B, H * W, C)
+
+
+def test_zero_channels_are_refused():
+    with pytest.raises(ValueError, match="x must have C >= 1 channels"):
+        sra_attention(torch.randn(1, 4, 0), (2, 2), torch.randn(0, 0), None, torch.randn(0, 0), None,
+                      torch.randn(0, 0), None, num_heads=1)
+
+
+def test_reference_building_block_is_contiguous():
+    from sra_kernels import reduced_kv_attention
+
+    q, k, v = torch.randn(2, 10, 2, 8), torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)
+    for backend in ("reference", "sdpa"):
+        out = reduced_kv_attention(q, k, v, backend=backend)
+        assert out.is_contiguous() and out.view(2, 10, 16).shape == (2, 10, 16)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+    (dict(sr_ratio=2.5), TypeError, "sr_ratio must be an int"),
+    (dict(dim=0), ValueError, "dim must be >= 1"),
+    (dict(backend="bogus"), ValueError, "backend must be one of"),
+    (dict(fuse_projections="yes"), TypeError, "fuse_projections must be a bool or None"),
+    (dict(linear=1), TypeError, "linear must be a bool"),
+])
+def test_module_constructor_errors(kwargs, error, match):
+    from sra_kernels import SpatialReductionAttention
+
+    with pytest.raises(error, match=match):
+        SpatialReductionAttention(**{"dim": 16, "num_heads": 2, **kwargs})
+
+
+def test_models_refuse_a_bogus_backend_when_built():
+    pvt = pytest.importorskip("pvt")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pvt.create_model("pvt_v2_b0", depths=(1, 1, 1, 1), backend="bogus")
+
+
+def test_atomic_backward_under_deterministic_algorithms():
+    """deterministic=False contradicts torch.use_deterministic_algorithms(True): an error, or with warn_only a
+    warning and the deterministic backward."""
+    from sra_kernels import options
+
+    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="contradicts torch.use_deterministic_algorithms"):
+            sra_attention(**_args(), deterministic=False)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="running the deterministic backward"):
+            assert options.resolve(None, False, None, options.DEFAULTS).deterministic
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+    assert not options.resolve(None, False, None, options.DEFAULTS).deterministic
+
+
+def test_jit_trace_of_our_kernels_says_what_to_use(monkeypatch):
+    """torch.jit.trace cannot record Triton launches: naming backend='triton' raises a clear error, and auto
+    (here resolving to triton through the environment) traces the sdpa path."""
+    from sra_kernels import SpatialReductionAttention
+
+    _interpreted_kernels(monkeypatch)
+    module = SpatialReductionAttention(C, HEADS, sr_ratio=SR, backend="triton").eval().requires_grad_(False)
+    x = torch.randn(B, H * W, C)
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record the triton backend"):
+        torch.jit.trace(lambda t: module(t, H, W), (x,))
+    _environment_defaults(monkeypatch, SRA_KERNELS_BACKEND="triton")
+    module.backend = "auto"
+    traced = torch.jit.trace(lambda t: module(t, H, W), (x,))
+    module.backend = "sdpa"
+    torch.testing.assert_close(traced(x), module(x, H, W))

@@ -37,9 +37,20 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def strided_offsets(index, stride):
+    """index * stride in int64: with any strides (e.g. a channel-major view) the product can pass 2^31. A unit
+    stride compiles to a constexpr 1 (Triton's specialisation, which ``isinstance`` sees unwrapped): index as is."""
+    if isinstance(stride, int) and stride == 1:
+        offsets = index
+    else:
+        offsets = index.to(tl.int64) * stride
+    return offsets
+
+
+@triton.jit
 def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, UPCAST: tl.constexpr):
     """Tile (len(rows), len(cols)) of base[r * stride_r + c * stride_c], zero outside (n_rows, n_cols)."""
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_r + cols[None, :] * stride_c
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_r + strided_offsets(cols, stride_c)[None, :]
     tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
     if UPCAST:
         tile = tile.to(tl.float32)
@@ -193,11 +204,13 @@ def _bwd_delta_kernel(
     O, DO, DELTA, so_b, so_n, so_h, so_d, sdo_b, sdo_n, sdo_h, sdo_d, N, H, D,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Grid (B*h, cdiv(N, BLOCK_N)): DELTA (B, h, N) fp32 = rowsum(dO * O)."""
-    pid_bh = tl.program_id(0)
+    """Grid (B*h*cdiv(N, BLOCK_N),): DELTA (B, h, N) fp32 = rowsum(dO * O); program bh * cdiv(N, BLOCK_N) + qb does
+    query block qb of (batch, head) bh (one grid dimension: a y of cdiv(N, BLOCK_N) passes CUDA's 65,535)."""
+    num_qb = tl.cdiv(N, BLOCK_N)
+    pid_bh = tl.program_id(0) // num_qb
     b = (pid_bh // H).to(tl.int64)
     hh = (pid_bh % H).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (tl.program_id(0) - pid_bh * num_qb) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     do = _load_tile(DO + b * sdo_b + hh * sdo_h, rows, cols, sdo_n, sdo_d, N, D, UPCAST)
     delta = _row_delta(O + b * so_b + hh * so_h, so_n, so_d, do, rows, cols, N, D, UPCAST)
@@ -434,7 +447,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         delta = lse  # unused: the kernel computes delta from o itself
     else:
         delta = _empty((B, H, N), torch.float32, q.device)
-        _bwd_delta_kernel[(B * H, cdiv(N, plan.block_n))](
+        _bwd_delta_kernel[(B * H * cdiv(N, plan.block_n),)](
             o, do, delta, *o.stride(), *do.stride(), N, H, D,
             BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, UPCAST=INTERPRETED, num_warps=4,
         )

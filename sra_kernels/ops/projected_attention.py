@@ -94,8 +94,9 @@ def _projected_fwd_kernel(
                 v = _project_rows(x, WKV + (C + hh * D) * C, BKV + C + hh * D, cols, channels, C, D, dtype, UPCAST)
                 m_i, l_i, acc = _attend_one_key_block(q, tl.trans(k), v, rows < N, qk_scale, BLOCK_N, BLOCK_D)
             else:
-                m_i, l_i, acc = _attend_key_blocks(q, K + b * sk_b + hh * sk_h, sk_m, sk_d, V + b * sv_b + hh * sv_h,
-                                                   sv_m, sv_d, keys, cols, M, D, qk_scale,
+                hh64 = tl.cast(hh, tl.int64)  # hh * sk_h can pass 2^31 (any strides)
+                m_i, l_i, acc = _attend_key_blocks(q, K + b * sk_b + hh64 * sk_h, sk_m, sk_d,
+                                                   V + b * sv_b + hh64 * sv_h, sv_m, sv_d, keys, cols, M, D, qk_scale,
                                                    BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
             o = rounded_cast(acc / l_i[:, None], dtype)
             if UPCAST:

@@ -33,6 +33,22 @@ def call(op, impl: Callable, *args):
     return impl(*args) if eager(args[0]) else op(*args)
 
 
+def _first_order_only(name: str, backward: Callable) -> Callable:
+    """``backward``, refusing to run under ``create_graph=True``: the backward ops are not differentiable, so a
+    double backward (e.g. a gradient penalty) would silently get wrong or missing gradients. Autograd enables
+    grad mode inside a backward exactly when it builds a graph of it (torch.compile's tracing does not)."""
+
+    def first_order_backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"sra_kernels::{name} has no double backward (create_graph=True, e.g. a gradient penalty): "
+                "run this model on backend='reference' (the eager math, twice differentiable; PyTorch's fused "
+                "attention kernels behind sdpa have no double backward either) for higher-order gradients")
+        return backward(ctx, *grads)
+
+    return first_order_backward
+
+
 def _autograd_entry_point(op, impl, setup_context, backward):
     """In eager mode an ``autograd.Function`` over ``impl`` with the op's own ``setup_context`` and
     ``backward``; the registered op when traced."""
@@ -65,5 +81,6 @@ def register(name: str, impl: Callable, *, fake: Callable, flops: Callable | Non
         register_flop_formula(getattr(torch.ops.sra_kernels, name))(flops)
     if backward is None:
         return op, lambda *args: call(op, impl, *args)
+    backward = _first_order_only(name, backward)
     op.register_autograd(backward, setup_context=setup_context)
     return op, _autograd_entry_point(op, impl, setup_context, backward)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..reference import LINEAR_POOL_SIZE
+from .attention import strided_offsets
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
 from .registration import register
@@ -101,7 +102,7 @@ def _adaptive_pool_kernel(
     w1 = ((pj + 1) * W + P - 1) // P
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    base = x_ptr + b.to(tl.int64) * stride_xb + c[None, :] * stride_xc
+    base = x_ptr + b.to(tl.int64) * stride_xb + strided_offsets(c, stride_xc)[None, :]
     acc = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
     for h in range(h0, h1):
         for ws in range(w0, w1, BLOCK_W):
@@ -143,10 +144,11 @@ def _reduce_norm_fwd_kernel(
         tap, tap_offset, c0 = _k_step(s, n_chunks, W_img, stride_an, SR, BLOCK_K)
         ci = c0 + ck
         ci_mask = ci < C
-        a = tl.load(patches[:, None] + (tap_offset + ci * stride_ac)[None, :],
+        a = tl.load(patches[:, None] + (tap_offset + strided_offsets(ci, stride_ac))[None, :],
                     mask=m_mask[:, None] & ci_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + (tap * C + ci)[:, None] * C + c[None, :], mask=ci_mask[:, None] & c_mask[None, :],
-                    other=0.0)
+        # the chunk's first weight row in int64 (w has SR*SR*C*C elements), tile-local offsets in int32
+        w = tl.load(w_ptr + (tap * C + c0).to(tl.int64) * C + ck[:, None] * C + c[None, :],
+                    mask=ci_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _mma(a, w, acc, UPCAST)
 
     z = acc + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
@@ -216,7 +218,7 @@ def _reduce_norm_bwd_input_kernel(
     mean = tl.load(mean_ptr + row, mask=m_mask, other=0.0)
     rstd = tl.load(rstd_ptr + row, mask=m_mask, other=0.0)
     g_rows = gy_ptr + b.to(tl.int64) * stride_gb + m.to(tl.int64) * stride_gm
-    gy = tl.load(g_rows[:, None] + c[None, :] * stride_gc, mask=mask, other=0.0).to(tl.float32)
+    gy = tl.load(g_rows[:, None] + strided_offsets(c, stride_gc)[None, :], mask=mask, other=0.0).to(tl.float32)
     gamma = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
     if GELU:
@@ -230,10 +232,11 @@ def _reduce_norm_bwd_input_kernel(
 
     if pid_k == 0:
         tl.store(dz_ptr + offs, rounded_cast(dz, dz_ptr.dtype.element_ty), mask=mask)
-        part = part_ptr + pid * C + c
+        part = part_ptr + pid.to(tl.int64) * C + c
+        part_stride = tl.cast(num_row_programs, tl.int64) * C
         tl.store(part, tl.sum(gy * xhat, axis=0), mask=c_mask)
-        tl.store(part + num_row_programs * C, tl.sum(gy, axis=0), mask=c_mask)
-        tl.store(part + 2 * num_row_programs * C, tl.sum(dz, axis=0), mask=c_mask)
+        tl.store(part + part_stride, tl.sum(gy, axis=0), mask=c_mask)
+        tl.store(part + 2 * part_stride, tl.sum(dz, axis=0), mask=c_mask)
 
     dz = rounded_cast(dz, w_ptr.dtype.element_ty)
     ck = tl.arange(0, BLOCK_K)
@@ -245,10 +248,10 @@ def _reduce_norm_bwd_input_kernel(
         tap, tap_offset, c0 = _k_step(s, n_chunks, W_img, stride_dn, SR, BLOCK_K)
         ci = c0 + ck
         ci_mask = ci < C
-        w_t = tl.load(w_ptr + (tap * C + ci)[None, :] * C + c[:, None], mask=c_mask[:, None] & ci_mask[None, :],
-                      other=0.0)
+        w_t = tl.load(w_ptr + (tap * C + c0).to(tl.int64) * C + ck[None, :] * C + c[:, None],
+                      mask=c_mask[:, None] & ci_mask[None, :], other=0.0)
         da = _mma(dz, w_t, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), UPCAST)
-        ptrs = patches[:, None] + (tap_offset + ci * stride_dc)[None, :]
+        ptrs = patches[:, None] + (tap_offset + strided_offsets(ci, stride_dc))[None, :]
         da_mask = m_mask[:, None] & ci_mask[None, :]
         if ACCUMULATE:
             da += tl.load(ptrs, mask=da_mask, other=0.0).to(tl.float32)
@@ -274,7 +277,7 @@ def _conv_weight_grad_kernel(
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < C
     split = tl.program_id(2)
-    taps = a_ptr + tap_offset + ci * stride_ac
+    taps = a_ptr + tap_offset + strided_offsets(ci, stride_ac)
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     t_start = split * t_per_split
     for t0 in range(t_start, tl.minimum(t_start + t_per_split, T), BLOCK_T):
