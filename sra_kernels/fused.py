@@ -77,9 +77,12 @@ def sra_attention_triton(x: torch.Tensor, size: tuple[int, int], weights: SRAWei
                                         eps)[:2]
     else:
         q, reduced = F.linear(x, weights.q_weight, weights.q_bias), x
-    kv = F.linear(reduced, weights.kv_weight, weights.kv_bias).view(B, reduced.shape[1], 2, num_heads, head_dim)
-    out = reduced_kv_attention(q.view(B, N, num_heads, head_dim), kv[:, :, 0], kv[:, :, 1],
-                               head_dim ** -0.5 if scale is None else scale, plan.deterministic)[0]
+    # unbind: the backward stacks dk and dv into kv's gradient in one kernel (two selects would zero-fill it
+    # twice, copy into each half and add)
+    k, v = F.linear(reduced, weights.kv_weight, weights.kv_bias).view(B, reduced.shape[1], 2, num_heads,
+                                                                       head_dim).unbind(2)
+    out = reduced_kv_attention(q.view(B, N, num_heads, head_dim), k, v, head_dim ** -0.5 if scale is None else scale,
+                               plan.deterministic)[0]
     return F.linear(out.view(B, N, C), weights.proj_weight, weights.proj_bias)
 
 
@@ -101,10 +104,9 @@ def _sra_attention_projected(x, size, weights, *, num_heads, sr_ratio, linear, e
         save = _needs_grad(x, *projections)
         return projected_self_attention(x, *projections, num_heads, scale, save, deterministic)[0]
     q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias = projections
-    kv = F.linear(x, kv_weight, kv_bias).view(B, N, 2, num_heads, head_dim)
-    save = _needs_grad(x, q_weight, q_bias, kv, proj_weight, proj_bias)
-    return projected_attention(x, q_weight, q_bias, kv[:, :, 0], kv[:, :, 1], proj_weight, proj_bias, scale, save,
-                               deterministic)[0]
+    k, v = F.linear(x, kv_weight, kv_bias).view(B, N, 2, num_heads, head_dim).unbind(2)
+    save = _needs_grad(x, q_weight, q_bias, k, proj_weight, proj_bias)
+    return projected_attention(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save, deterministic)[0]
 
 
 def _needs_grad(*inputs) -> bool:

@@ -467,3 +467,19 @@ def test_double_backward_under_torch_compile_raises(kernel_device):
     with pytest.raises(RuntimeError, match="double backward"):
         g.square().sum().backward()
     torch._dynamo.reset()
+
+
+def test_backward_materialises_no_zero_gradients(kernel_device):
+    """Autograd gets told not to zero-fill gradients for the outputs nothing differentiates (LayerNorm statistics,
+    saved tensors, the log-sum-exp), and k, v are an unbind of the kv projection (its backward stacks dk and dv
+    in one kernel): a reducing stage's backward makes no zero fill, where it made 7."""
+    from torch.profiler import ProfilerActivity, profile
+
+    module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=2, backend="triton").to(kernel_device)
+    x = torch.randn(2, 64, 32, device=kernel_device, requires_grad=True)
+    out = module(x, 8, 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.backward(torch.ones_like(out))
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::zeros") == 0 and names.count("aten::stack") == 1
+    assert x.grad is not None and all(p.grad is not None for p in module.parameters())

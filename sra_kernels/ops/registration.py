@@ -49,6 +49,18 @@ def _first_order_only(name: str, backward: Callable) -> Callable:
     return first_order_backward
 
 
+def _without_materialized_grads(setup_context: Callable) -> Callable:
+    """``setup_context`` that also tells autograd not to materialise zero gradients for the outputs nothing
+    differentiated (the statistics and saved tensors every op returns beside its result): their backward
+    receives None there instead of freshly zero-filled buffers."""
+
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+
+    return setup
+
+
 def _autograd_entry_point(op, impl, setup_context, backward):
     """In eager mode an ``autograd.Function`` over ``impl`` with the op's own ``setup_context`` and
     ``backward``; the registered op when traced."""
@@ -82,5 +94,6 @@ def register(name: str, impl: Callable, *, fake: Callable, flops: Callable | Non
     if backward is None:
         return op, lambda *args: call(op, impl, *args)
     backward = _first_order_only(name, backward)
+    setup_context = _without_materialized_grads(setup_context)
     op.register_autograd(backward, setup_context=setup_context)
     return op, _autograd_entry_point(op, impl, setup_context, backward)

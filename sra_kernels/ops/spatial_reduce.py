@@ -676,6 +676,10 @@ def _project_and_reduce_setup_context(ctx, inputs, output):
 def _project_and_reduce_autograd(ctx, grad_q, grad_y, *_unused_grads):
     x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
     H, W, sr_ratio, linear, eps = ctx.geometry
+    if grad_q is None:  # q or y unused downstream (gradients are not materialised: see ops.registration)
+        grad_q = torch.zeros_like(x)
+    if grad_y is None:
+        grad_y = torch.zeros_like(z)
     dx, dw, db, dnw, dnb = project_and_reduce_backward_call(
         grad_q, grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
         sr_ratio, linear, eps)
