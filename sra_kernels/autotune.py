@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -62,7 +63,13 @@ class Autotuner:
         self.cache_file = Path(cache_file) if cache_file else None
         self.choices: dict[str, str] = {}
         if self.cache_file is not None and self.cache_file.exists():
-            self.choices.update(json.loads(self.cache_file.read_text()))
+            try:
+                cached = json.loads(self.cache_file.read_text())
+            except (OSError, ValueError) as error:  # an unreadable cache costs a re-timing, never an import
+                warnings.warn(f"autotune cache {self.cache_file} unreadable ({error}); starting empty", stacklevel=2)
+                cached = {}
+            self.choices.update({k: v for k, v in cached.items() if isinstance(v, str)} if isinstance(cached, dict)
+                                else {})
 
     def choose(self, problem, device: torch.device, candidates: tuple[str, ...],
                measure: Callable[[str], float] | None) -> tuple[str, str] | None:

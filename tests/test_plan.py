@@ -144,6 +144,9 @@ def test_autotuner_times_once_then_caches(tmp_path):
     reloaded = autotune.Autotuner(tmp_path / "cache.json")
     assert reloaded.choose(problem, torch.device("cpu"), candidates, None) == ("cublas_projections", "autotune cache")
     assert autotune.Autotuner().choose(problem, torch.device("cpu"), candidates, None) is None  # nothing to time with
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert autotune.Autotuner(tmp_path / "broken.json").choices == {}
 
 
 def _sra_inputs(device, dtype=BF16, B=2, H=6, W=5, C=32, sr=2):
