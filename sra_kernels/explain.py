@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from .options import BACKENDS, DEFAULTS, Options
-from .plan import Plan, Problem, plan_sra
+from .plan import ROUTES, Plan, Problem, plan_sra
 from .shapes import MODEL_STAGES, SRAShape, model_stages
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,7 +40,8 @@ def format_plans(rows: list[tuple[int, SRAShape, Plan]]) -> str:
         geometry = (f"stage {stage}: {shape.label} N={shape.tokens} M={shape.reduced_tokens} C={shape.channels} "
                     f"heads={shape.heads} sr={shape.sr_ratio}{' linear' if shape.linear else ''}")
         launches = ", ".join(launch.name for launch in plan.forward) or "PyTorch's ops"
-        lines += [geometry, f"  path    {plan.path} ({plan.route}): {launches}", f"  why     {plan.reason}"]
+        lines += [geometry, f"  path    {plan.path}: {ROUTES[plan.route]}", f"  runs    {launches}",
+                  f"  why     {plan.reason}"]
     return "\n".join(lines)
 
 

@@ -102,16 +102,15 @@ _ATTENTION_BACKWARD = (Launch("proj_bwd", _GEMM), Launch("attention_bwd", "trito
 _PROJECTED = Launch("projected_attention", "triton", "_projected_fwd_kernel")
 
 ROUTES = {
-    # route: (path, description)
-    "reduce_attend": ("cublas_projections", "q GEMM, reduction kernel, kv GEMM, attention kernel, out GEMM"),
-    "attend": ("cublas_projections", "q and kv GEMMs, attention kernel, out GEMM (sr = 1: keys are x)"),
-    "reduce_project_attend": ("fused_projections",
-                              "reduction kernel with the kv projection, then the projected-attention kernel"),
-    "project_attend_self": ("fused_projections", "one kernel: q, k, v, attention and out projection (sr = 1)"),
-    "kv_project_attend": ("fused_projections", "kv GEMM, then the projected-attention kernel (sr = 1)"),
-    "sdpa": ("sdpa", "Conv2d + LayerNorm, Linears, F.scaled_dot_product_attention"),
-    "reference": ("reference", "the eager PVT math"),
+    "reduce_attend": "q GEMM, reduction kernel, kv GEMM, attention kernel, out GEMM",
+    "attend": "q and kv GEMMs, attention kernel, out GEMM (sr = 1: keys are x)",
+    "reduce_project_attend": "reduction kernel with the kv projection, then the projected-attention kernel",
+    "project_attend_self": "one kernel: q, k, v, attention and out projection (sr = 1)",
+    "kv_project_attend": "kv GEMM, then the projected-attention kernel (sr = 1)",
+    "sdpa": "Conv2d + LayerNorm, Linears, F.scaled_dot_product_attention",
+    "reference": "the eager PVT math",
 }
+"""Route -> what it launches, in words (``python -m sra_kernels --explain`` prints it)."""
 
 
 def _launches(route: str, linear: bool) -> tuple[tuple[Launch, ...], tuple[Launch, ...]]:
@@ -150,7 +149,10 @@ def _route(path: str, problem: Problem) -> str:
 
 
 def make_plan(path: str, problem: Problem, deterministic: bool, reason: str) -> Plan:
-    """The plan that runs ``problem`` on ``path`` (no checks: :func:`plan_sra` decides whether it may)."""
+    """The plan that runs ``problem`` on ``path`` (one of :data:`PATHS`; whether it may is :func:`plan_sra`'s
+    business)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     route = _route(path, problem)
     forward, backward = _launches(route, problem.linear)
     return Plan(path, route, forward, backward, deterministic, reason)

@@ -51,6 +51,8 @@ def test_routes_and_their_launches(path, sr, linear, N, route, forward):
     assert (plan.route, [launch.name for launch in plan.forward]) == (route, forward)
     assert all((launch.kind == "triton") == (launch.kernel is not None) for launch in plan.forward + plan.backward)
     assert plan.backend == ("triton" if path != "sdpa" else "sdpa")
+    with pytest.raises(ValueError, match="path must be one of"):
+        make_plan("triton", _problem(), True, "test")
 
 
 def test_auto_follows_the_measured_table_on_an_h200():
@@ -230,7 +232,8 @@ def test_explain_prints_every_stage(capsys):
 
     assert main(["--explain", "pvt_v2_b2", "--img-size", "512", "512", "--batch", "16", "--capability", "9.0"]) == 0
     out = capsys.readouterr().out
-    assert out.count("stage ") == 4 and out.count("path    sdpa") == 3 and "cublas_projections (reduce_attend)" in out
+    assert out.count("stage ") == 4 and out.count("path    sdpa") == 3
+    assert "path    cublas_projections: q GEMM, reduction kernel" in out and "runs    q, conv_weight_layout" in out
     assert "measured on NVIDIA H200" in out
 
 
