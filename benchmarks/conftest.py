@@ -5,6 +5,8 @@ See :mod:`benchmarks` for how calls are timed and how the samples reach pytest-b
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -45,10 +47,27 @@ class Results:
 
 
 RESULTS = pytest.StashKey[Results]()
+ROWS_FILE = pytest.StashKey[object]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--rows-jsonl", metavar="PATH", default=None,
+                     help="also append every result row to PATH as one JSON line the moment it is measured "
+                          "(first line: the run's device, versions and commit): a run cut short keeps its rows")
 
 
 def pytest_configure(config):
     config.stash[RESULTS] = Results()
+    path = config.getoption("--rows-jsonl", default=None)
+    config.stash[ROWS_FILE] = None if path is None else open(path, "a", buffering=1)
+    if path is not None:
+        config.stash[ROWS_FILE].write(json.dumps({"machine_info": run_info()}) + "\n")
+
+
+def pytest_unconfigure(config):
+    rows_file = config.stash.get(ROWS_FILE, None)
+    if rows_file is not None:
+        rows_file.close()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -71,7 +90,7 @@ def ceilings(results) -> Ceilings:
 
 
 @pytest.fixture
-def record(benchmark, results, ceilings):
+def record(benchmark, results, ceilings, request):
     """``record(case, provider, samples, cost=None, **info) -> row``: replay the samples into
     pytest-benchmark and fill its ``extra_info`` with ``info``, the median and, when ``cost`` (an
     ``SRACost``) is given, the achieved rates against the ceilings. ``case`` groups the providers."""
@@ -85,6 +104,10 @@ def record(benchmark, results, ceilings):
         if cost is not None:
             row.update(roofline_info(cost, median(samples), ceilings))
         results.rows.append(row)
+        rows_file = request.config.stash[ROWS_FILE]
+        if rows_file is not None:
+            rows_file.write(json.dumps(row, default=str) + "\n")
+            os.fsync(rows_file.fileno())
         return row
 
     return _record

@@ -2,11 +2,11 @@
 
     python -m benchmarks.policy_table [RESULTS_DIR ...] [--out sra_kernels/policy_table.json]
 
-Reads the op rows of every pytest-benchmark JSON file (``benchmarks/test_op_bench.py``'s, e.g. what
-``benchmarks/gpu.sh`` writes as ``bench.json``) under the results directories (default: every folder of
-``benchmarks/results``, oldest first, so a newer run of the same row replaces an older one) and writes one
-row per measured (device, dtype, mode, shape) with the GPU ms per call (``gpu_ms``) of each provider, named
-by the path it ran:
+Reads the op rows of every results file of ``benchmarks/test_op_bench.py`` (pytest-benchmark JSON, e.g.
+``bench.json``, or the ``--rows-jsonl`` JSON lines ``benchmarks/campaign.sh`` writes) under the results
+directories (default: every folder of ``benchmarks/results``, oldest first, so a newer run of the same row
+replaces an older one) and writes one row per measured (device, dtype, mode, shape) with the GPU ms per call
+(``gpu_ms``) of each provider, named by the path it ran:
 
 | provider | path |
 |---|---|
@@ -25,6 +25,8 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.report import read_rows
+
 from sra_kernels.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,29 +40,31 @@ KNOWN_CAPABILITIES = {"NVIDIA H200": (9, 0), "NVIDIA H100 80GB HBM3": (9, 0), "N
 """For results files that predate ``capability`` in their machine info."""
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (as the committed table names its sources)."""
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def _rows_of(path: Path) -> list[dict]:
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "benchmarks" not in data or "machine_info" not in data:
-        return []  # not a pytest-benchmark file
-    machine = data["machine_info"]
+    try:
+        found, machine = read_rows(path)
+    except ValueError:  # not JSON (e.g. an empty file left by a run that was cut short)
+        return []
+    measured = [(PROVIDER_PATHS[info["provider"]], info) for info in found if info.get("kind") == "op"
+                and info.get("provider") in PROVIDER_PATHS and info.get("gpu_ms") is not None]
+    if not measured:
+        return []  # not a benchmark results file, or no op rows with GPU times in it (e.g. a CPU run)
     device = machine["device"]
     capability = machine.get("capability") or KNOWN_CAPABILITIES.get(device)
     if capability is None:
         raise SystemExit(f"{path}: unknown compute capability of {device!r}: add it to KNOWN_CAPABILITIES")
-    source = f"{path.relative_to(ROOT).as_posix()} @ {machine.get('git_commit', 'unknown')[:7]}, " \
+    source = f"{_shown(path)} @ {machine.get('git_commit', 'unknown')[:7]}, " \
              f"torch {machine.get('torch')}, triton {machine.get('triton')}"
-    rows = []
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        path_name = PROVIDER_PATHS.get(info.get("provider"))
-        if info.get("kind") != "op" or path_name is None or info.get("gpu_ms") is None:
-            continue
-        rows.append(dict(device=device, capability=list(capability), dtype_class=DTYPE_CLASSES[info["dtype"]],
-                         backward=info["mode"] != "fwd", batch=info["batch"], tokens=info["N"],
-                         reduced_tokens=info["M"], channels=info["C"], heads=info["heads"],
-                         sr_ratio=info["sr_ratio"], linear=info["linear"], path=path_name,
-                         gpu_ms=round(info["gpu_ms"], 5), source=source))
-    return rows
+    return [dict(device=device, capability=list(capability), dtype_class=DTYPE_CLASSES[info["dtype"]],
+                 backward=info["mode"] != "fwd", batch=info["batch"], tokens=info["N"], reduced_tokens=info["M"],
+                 channels=info["C"], heads=info["heads"], sr_ratio=info["sr_ratio"], linear=info["linear"],
+                 path=path_name, gpu_ms=round(info["gpu_ms"], 5), source=source)
+            for path_name, info in measured]
 
 
 def build(result_dirs: list[Path]) -> dict:
@@ -68,10 +72,10 @@ def build(result_dirs: list[Path]) -> dict:
     merged: dict[tuple, dict] = {}
     sources = []
     for directory in result_dirs:
-        for path in sorted(directory.rglob("*.json")):
+        for path in sorted([*directory.rglob("*.json"), *directory.rglob("*.jsonl")]):
             rows = _rows_of(path)
             if rows:
-                sources.append(path.relative_to(ROOT).as_posix())
+                sources.append(_shown(path))
             for row in rows:
                 key = (tuple(row["capability"]), row["dtype_class"], row["backward"], row["batch"], row["tokens"],
                        row["reduced_tokens"], row["channels"], row["heads"], row["sr_ratio"], row["linear"])

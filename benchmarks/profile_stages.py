@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("profiles GPU kernels: needs a CUDA device")
     with open(args.out, "a") as out:
         for stage, shape in enumerate(model_stages(args.model, args.image, args.batch), start=1):
             for backend in ("triton", "sdpa"):

@@ -43,17 +43,32 @@ def add_speedups(rows: list[dict]) -> None:
                                if provider != row["provider"]}
 
 
+def read_rows(path: Path) -> tuple[list[dict], dict]:
+    """(rows, machine_info) of one results file: pytest-benchmark JSON, or the JSON lines of ``--rows-jsonl``
+    (a machine_info line, then one row a line)."""
+    if path.suffix == ".jsonl":
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        machine = next((line["machine_info"] for line in lines if "machine_info" in line), {})
+        return [line for line in lines if "case" in line and "provider" in line], machine
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        return [], {}
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        if "case" in info and "provider" in info:
+            info.setdefault("median_ms", bench["stats"]["median"] * 1e3)
+            rows.append(info)
+    return rows, data.get("machine_info", {})
+
+
 def load(paths) -> tuple[list[dict], list[dict]]:
     """(rows of every benchmark of ours in ``paths``, machine_info of each file)."""
     rows, machines = [], []
     for path in paths:
-        data = json.loads(Path(path).read_text())
-        machines.append(data.get("machine_info", {}))
-        for bench in data.get("benchmarks", []):
-            info = dict(bench.get("extra_info", {}))
-            if "case" in info and "provider" in info:
-                info.setdefault("median_ms", bench["stats"]["median"] * 1e3)
-                rows.append(info)
+        found, machine = read_rows(Path(path))
+        rows += found
+        machines.append(machine)
     add_speedups(rows)
     return rows, machines
 
@@ -102,7 +117,7 @@ def _per_provider(by_provider, providers, key: str) -> list:
 
 
 _OP_KEY_HEADERS = ["image", "stage", "B", "N", "M", "C", "h", "sr", "dtype", "mode"]
-_MODEL_KEY_HEADERS = ["model", "image", "B", "precision", "mode"]
+_MODEL_KEY_HEADERS = ["model", "image", "B", "precision", "mode", "execution"]
 
 
 def _op_key(row: dict) -> list:
@@ -111,7 +126,7 @@ def _op_key(row: dict) -> list:
 
 
 def _model_key(row: dict) -> list:
-    return [row["model"], row["image"], row["batch"], row["precision"], row["mode"]]
+    return [row["model"], row["image"], row["batch"], row["precision"], row["mode"], row.get("execution", "eager")]
 
 
 def cost_table(rows: list[dict]) -> str:

@@ -8,8 +8,12 @@ triton, unfused projections), ``sra_kernels_projected`` (backend triton, ``fuse_
 stages whose plan takes the fused path, C <= 128 in bf16), ``auto`` (the default policy), ``sdpa``,
 ``reference``.
 
-GPU: 224x224 images at batch 64. CPU: one smoke configuration only (pvt_v2_b0, 64x64, batch 1, fp32,
-reference and sdpa); every other row is GPU-only and skipped with its reason.
+Executions: ``eager``, ``compiled`` (``torch.compile`` of the model) and ``graphs`` (CUDA-graph replay through
+``torch.compile(mode="reduce-overhead")``); each row records wall time (median), GPU kernel time
+(``gpu_ms``) and peak memory.
+
+GPU: 224x224 images at batch 64 and 512x512 at batch 16. CPU: one smoke configuration only (pvt_v2_b0,
+64x64, batch 1, fp32, eager, reference and sdpa); every other row is GPU-only and skipped with its reason.
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ pvt = pytest.importorskip("pvt", reason="the pvt models package is not importabl
 MODELS = ("pvt_v2_b0", "pvt_v2_b2", "pvt_small")
 PRECISIONS = ("bf16-autocast", "fp32")
 MODES = ("infer", "train")
-GPU_IMAGE, GPU_BATCH = 224, 64
+EXECUTIONS = {"eager": None, "compiled": "default", "graphs": "reduce-overhead"}
+"""How the model runs: eagerly, under ``torch.compile`` (mode default), or CUDA-graph replayed
+(``torch.compile(mode="reduce-overhead")``: inductor's CUDA graphs; the optimizer step stays eager)."""
+GPU_SIZES = {"224x224": (224, 64), "512x512": (512, 16)}
+"""name -> (image side, batch) on CUDA: classification size and a segmentation-sized input."""
 CPU_SMOKE = ("pvt_v2_b0", "fp32")
 CPU_IMAGE, CPU_BATCH = 64, 1
 NUM_CLASSES = 1000
@@ -49,14 +57,18 @@ def _fuses_a_stage(model: str, precision: str, mode: str) -> bool:
     dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
     return any(plan_sra(Problem.of_shape(shape, dtype, mode == "train"), torch.device("cuda"), "triton",
                         Options(fuse_projections=True)).path == "fused_projections"
-               for shape in model_stages(model, GPU_IMAGE, GPU_BATCH))
+               for shape in model_stages(model, *GPU_SIZES["224x224"]))
 
 
-def _skip_reason(model: str, precision: str, mode: str, provider: str) -> str | None:
+def _skip_reason(model: str, size: str, precision: str, mode: str, provider: str, execution: str) -> str | None:
     if provider == "sra_kernels_projected" and not _fuses_a_stage(model, precision, mode):
         return "sra_kernels_projected: no stage takes the fused-projection path here (it runs C <= 128 in fp16 / bf16)"
     if CUDA:
         return None
+    if execution != "eager":
+        return "compiled and CUDA-graph model rows are GPU rows (compiling a whole model costs minutes on a CPU)"
+    if size != "224x224":
+        return "GPU-only size: the CPU smoke row runs one small image"
     if provider == "auto":
         return "auto runs sdpa off CUDA: the sdpa row is that measurement"
     if provider.startswith("sra_kernels"):
@@ -71,18 +83,24 @@ def _autocast(precision: str):
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
 
 
+@pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("provider", PROVIDER_OPTIONS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("size", GPU_SIZES)
 @pytest.mark.parametrize("model", MODELS)
-def test_model(model, precision, mode, provider, results, record):
-    reason = _skip_reason(model, precision, mode, provider)
+def test_model(model, size, precision, mode, provider, execution, results, record):
+    reason = _skip_reason(model, size, precision, mode, provider, execution)
     if reason:
         results.skip(reason)
-    image, batch = (GPU_IMAGE, GPU_BATCH) if CUDA else (CPU_IMAGE, CPU_BATCH)
+    image, batch = GPU_SIZES[size] if CUDA else (CPU_IMAGE, CPU_BATCH)
     torch.manual_seed(0)
     net = pvt.create_model(model, num_classes=NUM_CLASSES).to(DEVICE)
     net.configure_attention(**PROVIDER_OPTIONS[provider])
+    run = net
+    if EXECUTIONS[execution] is not None:
+        torch._dynamo.reset()
+        run = torch.compile(net, mode=EXECUTIONS[execution])
     images = [torch.randn(batch, 3, image, image, device=DEVICE) for _ in range(ROTATE)]
     labels = [torch.randint(0, NUM_CLASSES, (batch,), device=DEVICE) for _ in range(ROTATE)]
     next_index = rotating(ROTATE)
@@ -91,7 +109,7 @@ def test_model(model, precision, mode, provider, results, record):
 
         def step():
             with torch.no_grad(), _autocast(precision):
-                net(images[next_index()])
+                run(images[next_index()])
     else:
         net.train()
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
@@ -99,17 +117,18 @@ def test_model(model, precision, mode, provider, results, record):
         def step():
             i = next_index()
             with _autocast(precision):
-                loss = F.cross_entropy(net(images[i]), labels[i])
+                loss = F.cross_entropy(run(images[i]), labels[i])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: kernels compiled, optimizer state allocated
+    for _ in range(1 if run is net else 3):  # warm-up: kernels compiled, optimizer state, CUDA graphs recorded
+        step()
     synchronize()
     peak = peak_memory_mb(step)
     gpu_ms = kernel_ms(step)
     samples = measure(step)
-    row = record(f"{model} {image}x{image} B{batch} {precision} {mode}", provider, samples, kind="model",
-                 model=model, image=f"{image}x{image}", batch=batch, precision=precision, mode=mode,
-                 peak_mem_mb=peak, gpu_ms=gpu_ms)
+    row = record(f"{model} {image}x{image} B{batch} {precision} {mode} {execution}", provider, samples,
+                 kind="model", model=model, image=f"{image}x{image}", batch=batch, precision=precision, mode=mode,
+                 execution=execution, peak_mem_mb=peak, gpu_ms=gpu_ms)
     row["images_per_s"] = batch / (row["median_ms"] / 1e3)

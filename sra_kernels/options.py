@@ -9,7 +9,7 @@ inside a call, so a traced (``torch.compile``) call sees exactly the arguments i
 |---|---|---|
 | ``SRA_KERNELS_BACKEND`` | ``backend`` | auto, reference, sdpa, triton |
 | ``SRA_KERNELS_FUSE_PROJECTIONS`` | ``fuse_projections`` | 1 (on where it applies), 0 (off); unset: the policy |
-| ``SRA_KERNELS_ATOMIC_BACKWARD`` | ``deterministic`` | 1: fp32 atomics (not bit-reproducible); unset / 0: deterministic |
+| ``SRA_KERNELS_ATOMIC_BACKWARD`` | ``deterministic`` | 1: fp32 atomics (not bit-reproducible); unset, 0: fixed order |
 | ``SRA_KERNELS_AUTOTUNE`` | ``autotune`` | 1: time the candidate paths on the first call of each shape |
 | ``SRA_KERNELS_AUTOTUNE_CACHE`` | the autotune cache file | a JSON path; unset: in memory only |
 """

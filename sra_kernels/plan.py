@@ -220,8 +220,8 @@ def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", opti
 
     ``compiling``: the call is being traced by torch.compile (the table then compares against compiled
     PyTorch, and nothing is timed). ``jit_tracing``: ``torch.jit.trace`` is recording, which cannot record our
-    kernels (``auto`` runs ``sdpa``; ``triton`` raises). ``capability``: the CUDA device's (major, minor), default read from it
-    (``python -m sra_kernels --explain`` passes one to show another GPU's plan).
+    kernels (``auto`` runs ``sdpa``; ``triton`` raises). ``capability``: the CUDA device's (major, minor), default
+    read from it (``python -m sra_kernels --explain`` passes one to show another GPU's plan).
     """
     from . import autotune, policy  # the table and the tuner import this module's paths
 

@@ -36,7 +36,8 @@ class SRAWeights(NamedTuple):
                 self.proj_weight, like.new_zeros(C) if self.proj_bias is None else self.proj_bias)
 
     def reduction_filled(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(sr_weight, sr_bias, norm_weight, norm_bias) as the reduction kernels take them (:func:`filled_reduction`)."""
+        """(sr_weight, sr_bias, norm_weight, norm_bias) as the reduction kernels take them
+        (:func:`filled_reduction`)."""
         return (self.sr_weight, *filled_reduction(like, self.sr_bias, self.norm_weight, self.norm_bias))
 
     @property

@@ -66,3 +66,39 @@ def test_report_without_rows_fails(tmp_path):
     path = tmp_path / "empty.json"
     path.write_text(json.dumps({"benchmarks": []}))
     assert report.main([str(path)]) == 1
+
+
+def test_campaign_rows_feed_the_report_and_the_policy_table(tmp_path):
+    """The JSON lines of ``--rows-jsonl`` (what benchmarks/campaign.sh writes as it measures): the report reads
+    them, and the policy table takes their GPU rows with the device's compute capability."""
+    from benchmarks import policy_table
+
+    machine = {"device": "GPU X", "capability": [9, 0], "torch": "t", "triton": "tr", "git_commit": "abc1234"}
+    rows = [dict(OP_KEY, case="op case", provider=provider, median_ms=ms, gpu_ms=ms / 2)
+            for provider, ms in (("sdpa", 2.0), ("sra_kernels", 1.0), ("auto", 1.0))]
+    path = tmp_path / "ops.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [{"machine_info": machine}, *rows]) + "\n")
+    found, read_machine = report.read_rows(path)
+    assert read_machine == machine and [r["provider"] for r in found] == ["sdpa", "sra_kernels", "auto"]
+    (table_row,) = policy_table.build([tmp_path])["rows"]
+    assert table_row["capability"] == [9, 0] and table_row["gpu_ms"] == {"sdpa": 1.0, "cublas_projections": 0.5}
+    (tmp_path / "empty.json").write_text("")  # a file a cut-short run left: passed over
+    assert len(policy_table.build([tmp_path])["rows"]) == 1
+
+
+def test_rows_jsonl_option_writes_each_row_as_it_is_measured(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_host_overhead.py", "-q", "-p",
+                           "no:cacheprovider", "-k", "sr1 and fwd and not bwd", f"--rows-jsonl={out}"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows, machine = report.read_rows(out)
+    assert "device" in machine and {r["provider"] for r in rows} == {"sra_kernels", "sdpa"}
+    assert all(r["kind"] == "host" for r in rows)

@@ -461,7 +461,8 @@ def test_double_backward_under_torch_compile_raises(kernel_device):
     """Compiled, PyTorch itself refuses the second backward (AOTAutograd has none): an error, not a wrong gradient."""
     torch._dynamo.reset()
     module = SpatialReductionAttention(16, 2, qkv_bias=True, sr_ratio=2, backend="triton").to(kernel_device)
-    compiled = torch.compile(module, fullgraph=True, backend="inductor" if kernel_device.type == "cuda" else "aot_eager")
+    backend = "inductor" if kernel_device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
     x = torch.randn(2, 36, 16, device=kernel_device, requires_grad=True)
     (g,) = torch.autograd.grad(compiled(x, 6, 6).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
