@@ -25,13 +25,7 @@ if [ $# -ne 1 ]; then
     echo "usage: $0 OUTDIR" >&2
     exit 2
 fi
-mkdir -p "$1"
-out=$(cd "$1" && pwd)
-cd "$(dirname "$0")/.."
-
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-export SRA_GIT_COMMIT="${SRA_GIT_COMMIT:-$(git describe --always --dirty --abbrev=40 2>/dev/null || echo unknown)}"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh" "$1"
 scale="${SRA_CAMPAIGN_SCALE:-1}"
 status=0
 
@@ -55,7 +49,6 @@ bench() {  # the pytest benchmarks/ command of phase NAME: its rows land in NAME
         --benchmark-json="$out/$1.json" --benchmark-columns=median,rounds
 }
 
-{ nvidia-smi 2>&1; echo "commit: $SRA_GIT_COMMIT"; python3 -m sra_kernels; } > "$out/env.txt" 2>&1
 { python3 -m sra_kernels --explain pvt_v2_b2 --img-size 224 224 --batch 64 --train
   python3 -m sra_kernels --explain pvt_v2_b2 --img-size 512 512 --batch 16 --train; } > "$out/explain.txt" 2>&1
 

@@ -18,16 +18,8 @@ if [ $# -lt 1 ]; then
     echo "usage: $0 OUTDIR [pytest arguments for the benchmark run]" >&2
     exit 2
 fi
-mkdir -p "$1"
-out=$(cd "$1" && pwd)
+source "$(dirname "$0")/gpu_env.sh" "$1"
 shift
-cd "$(dirname "$0")/.."
-
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-export SRA_GIT_COMMIT="${SRA_GIT_COMMIT:-$(git describe --always --dirty --abbrev=40 2>/dev/null || echo unknown)}"
-export PYTHONUNBUFFERED=1
-
-{ nvidia-smi; echo "commit: $SRA_GIT_COMMIT"; python3 -m sra_kernels; } > "$out/env.txt" 2>&1
 
 status=0
 if [ "${SRA_BENCH_SKIP_TESTS:-0}" != 1 ]; then
