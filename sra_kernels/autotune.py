@@ -78,8 +78,7 @@ class Autotuner:
         key = cache_key(problem, device, candidates)
         if key in self.choices:
             return self.choices[key], "autotune cache"
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if measure is None or capturing:
+        if measure is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return None
         times = {path: measure(path) for path in candidates}
         best = min(times, key=times.get)

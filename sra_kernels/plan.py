@@ -247,8 +247,8 @@ def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", opti
     candidates = ours if backend == "triton" else ("sdpa",) + ours
     if len(candidates) == 1:
         return make_plan(candidates[0], problem, deterministic, _forced_reason(backend, options, fused_refused))
-    if options.autotune and not compiling:
-        chosen = autotune.choose(problem, device, candidates, measure)
+    if options.autotune:  # under torch.compile: the cache only, nothing is timed while tracing
+        chosen = autotune.choose(problem, device, candidates, None if compiling else measure)
         if chosen is not None:
             return make_plan(chosen[0], problem, deterministic, chosen[1])
     if capability is None:

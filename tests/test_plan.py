@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from sra_kernels import SpatialReductionAttention, autotune, functional, policy, sra_attention
+from sra_kernels import SpatialReductionAttention, autotune, functional, fused, policy, sra_attention
 from sra_kernels.options import Options
 from sra_kernels.plan import Problem, fused_projections_refuse, make_plan, plan_sra
 from sra_kernels.shapes import model_stages
@@ -248,3 +248,23 @@ def test_planning_traces_without_a_graph_break(fresh_dynamo):
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     assert torch.equal(compiled(torch.ones(16)), torch.full((16,), 2.0))
+
+
+def test_autotune_cache_is_read_while_torch_compile_traces(kernel_device, monkeypatch, fresh_dynamo):
+    """Under torch.compile the choice is made at trace time from the cache (nothing is timed while tracing)."""
+    args, kwargs = _sra_inputs(kernel_device)
+    problem = functional._problem(args[0], args[1], functional.SRAWeights(*args[2:]), 2, 2, False)
+    tuner = autotune.Autotuner()
+    tuner.choices[autotune.cache_key(problem, kernel_device, ("cublas_projections", "fused_projections"))] = \
+        "fused_projections"
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    monkeypatch.setattr(autotune, "time_call", lambda fn, device: 1 / 0)  # timing would fail the test
+    planned = []
+    run = fused.sra_attention_triton
+    monkeypatch.setattr(fused, "sra_attention_triton", lambda *a, **k: planned.append(k["plan"]) or run(*a, **k))
+
+    def call(x):
+        return sra_attention(x, *args[1:], **kwargs, backend="triton", autotune=True)
+
+    torch.compile(call, fullgraph=True, backend="aot_eager")(args[0])
+    assert [(plan.path, plan.reason) for plan in planned] == [("fused_projections", "autotune cache")]
