@@ -41,11 +41,13 @@ def bench_model(name: str, batch: int, img_size: tuple[int, int] = (224, 224), d
                 device: str | torch.device | None = None, progress: bool = True) -> list[BenchResult]:
     """Time ``steps`` forward (or forward+backward with ``train``) passes per backend after ``warmup``.
 
-    The model (and input) is cast to ``dtype`` as a whole; every backend runs the same weights.
+    The model (and input) is cast to ``dtype`` as a whole; every backend runs the same weights. ``auto`` (the
+    default policy, :mod:`sra_kernels.plan`) runs everywhere; by default it is timed too on CUDA, where it is
+    more than ``sdpa``.
     """
     device = torch.device(device) if device is not None else default_device()
-    runnable = available_backends(device)
-    backends = backends or runnable
+    runnable = available_backends(device) + ["auto"]
+    backends = backends or (runnable if device.type == "cuda" else runnable[:-1])
     model = create_model(name, backend=runnable[0]).to(device=device, dtype=DTYPES[dtype])
     model.train(train)
     x = torch.randn(batch, 3, *img_size, device=device, dtype=DTYPES[dtype])

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--img-size", type=POSITIVE, nargs=2, default=(224, 224), metavar=("H", "W"))
     bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     bench.add_argument("--train", action="store_true", help="time forward+backward instead of forward")
-    bench.add_argument("--backends", nargs="+", choices=("reference", "sdpa", "triton"),
+    bench.add_argument("--backends", nargs="+", choices=("auto", "reference", "sdpa", "triton"),
                        help="default: every backend that runs here")
     bench.add_argument("--steps", type=POSITIVE, default=20, help="timed steps per backend")
     bench.add_argument("--warmup", type=NON_NEGATIVE, default=5, help="untimed steps per backend first")

@@ -62,6 +62,12 @@ def test_bench_prints_each_backend(capsys):
     assert "[" in captured.err and "1/1" in captured.err  # the progress bar
 
 
+def test_bench_times_the_auto_policy(capsys):
+    main(["bench", "pvt_v2_b0", "--batch", "1", "--img-size", "32", "32", "--steps", "1", "--warmup", "0",
+          "--backends", "auto", "--device", "cpu"])
+    assert re.search(r"\s+auto\s+[\d.]+\s+[\d.]+", capsys.readouterr().out)
+
+
 def test_bench_marks_unavailable_backend(capsys):
     if "triton" in available_backends("cpu"):
         pytest.skip("triton runs here")
