@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import autotune, options as call_options, reference
-from .plan import Plan, Problem, building_block_backend, make_plan, plan_sra
+from .plan import Plan, Problem, autocast_dtype, building_block_backend, differentiated, make_plan, plan_sra
 from .reference import LINEAR_POOL_SIZE
 from .torch_sdpa import reduced_kv_attention_sdpa, sra_attention_sdpa
 from .validation import check_attention_args, check_probability, check_spatial_reduction_args, check_sra_args
@@ -23,14 +23,6 @@ _PLANS: dict[tuple, Plan] = {}
 """Eager calls' plans by (problem, device, backend, options, dropout, defaults): planned once per key."""
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the kernels will see: autocast's when it is on (it leaves fp64 alone), else x's."""
-    device = x.device.type
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 def _problem(x: torch.Tensor, size, weights: SRAWeights, num_heads: int, sr_ratio: int, linear: bool) -> Problem:
     H, W = size
     B, N, C = x.shape
@@ -38,8 +30,8 @@ def _problem(x: torch.Tensor, size, weights: SRAWeights, num_heads: int, sr_rati
         M = LINEAR_POOL_SIZE * LINEAR_POOL_SIZE
     else:
         M = (H // sr_ratio) * (W // sr_ratio) if sr_ratio > 1 else N
-    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
-    return Problem(B, N, M, C, num_heads, sr_ratio, linear, _compute_dtype(x), backward)
+    return Problem(B, N, M, C, num_heads, sr_ratio, linear, autocast_dtype(x) or x.dtype,
+                   differentiated(x, *weights))
 
 
 def _run(plan: Plan, x: torch.Tensor, size, weights: SRAWeights, kwargs, dropout_p: float) -> torch.Tensor:

@@ -22,20 +22,13 @@ import torch.nn.functional as F
 from .ops.attention import reduced_kv_attention
 from .ops.projected_attention import projected_attention, projected_self_attention, projected_sra
 from .ops.spatial_reduce import project_and_reduce, spatial_reduce
-from .plan import Plan
+from .plan import Plan, autocast_dtype, differentiated
 from .weights import SRAWeights, filled_reduction
-
-
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """Autocast's dtype when it is on for x's device: the custom ops are opaque to autocast, so they are cast
-    as autocast casts Conv2d and Linear."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _autocast(*tensors):
     """The tensors (None stays None) in autocast's dtype when it is on, else unchanged."""
-    dtype = _autocast_dtype(tensors[0])
+    dtype = autocast_dtype(tensors[0])
     return tensors if dtype is None else tuple(t if t is None else t.to(dtype) for t in tensors)
 
 
@@ -63,7 +56,7 @@ def sra_attention_triton(x: torch.Tensor, size: tuple[int, int], weights: SRAWei
     With a reduction, the q projection and the reduction are one op whose backward writes dx in one
     pass (see ``project_and_reduce`` in :mod:`.ops.spatial_reduce`).
     """
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     if dtype is not None:
         x, weights = x.to(dtype), weights.to(dtype)
     if plan.path == "fused_projections":
@@ -97,18 +90,13 @@ def _sra_attention_projected(x, size, weights, *, num_heads, sr_ratio, linear, e
     deterministic = plan.deterministic
     if plan.route == "reduce_project_attend":
         reduction = weights.reduction_filled(x)
-        save = _needs_grad(x, *projections, *reduction)
+        save = differentiated(x, *projections, *reduction)
         return projected_sra(x, *size, *projections, *reduction, sr_ratio, linear, eps, num_heads, scale, save,
                              deterministic)[0]
     if plan.route == "project_attend_self":
-        save = _needs_grad(x, *projections)
+        save = differentiated(x, *projections)
         return projected_self_attention(x, *projections, num_heads, scale, save, deterministic)[0]
     q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias = projections
     k, v = F.linear(x, kv_weight, kv_bias).view(B, N, 2, num_heads, head_dim).unbind(2)
-    save = _needs_grad(x, q_weight, q_bias, k, proj_weight, proj_bias)
+    save = differentiated(x, q_weight, q_bias, k, proj_weight, proj_bias)
     return projected_attention(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save, deterministic)[0]
-
-
-def _needs_grad(*inputs) -> bool:
-    """Whether autograd will differentiate a projected op on these inputs (then it saves q, o and lse)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

@@ -65,6 +65,20 @@ class Problem(NamedTuple):
                    shape.linear, dtype, backward)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype when autocast is on for x's device and would cast x (it leaves fp64 alone), else None:
+    the custom ops are opaque to autocast, so the triton paths cast as it casts Conv2d and Linear."""
+    device = x.device.type
+    if device in ("cuda", "cpu") and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def differentiated(*tensors) -> bool:
+    """Whether autograd will differentiate a call on these tensors (None entries are absent parameters)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class Launch(NamedTuple):
     """One launch of a pass: ``name`` is the cost model's key; ``kind`` "triton" (ours), "gemm" (cuBLAS) or
     "torch" (another PyTorch kernel); ``kernel`` the Triton kernel a "triton" launch runs."""
