@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sra_kernels import SpatialReductionAttention, dispatch
-from sra_kernels.ops import attention, projected_attention, spatial_reduce
+from sra_kernels.ops import attention, column_sum, projected_attention, spatial_reduce
 
 CASES = {"C16 h1 sr4 8x8": (16, 1, 4), "C16 h2 sr1 8x8": (16, 2, 1)}
 """case -> (channels, heads, sr_ratio) of a batch-1, 8x8-token call."""
@@ -37,7 +37,7 @@ class _NoLaunch:
 @contextlib.contextmanager
 def stubbed_kernels():
     """Every Triton kernel of the op modules a no-op, and CPU tensors accepted by the triton backend."""
-    modules = (attention, projected_attention, spatial_reduce)
+    modules = (attention, column_sum, projected_attention, spatial_reduce)
     patches = {(module, name): _NoLaunch() for module in modules for name, value in vars(module).items()
                if name.endswith("_kernel") and hasattr(value, "run")}
     patches.update({(attention, "INTERPRETED"): True, (projected_attention, "INTERPRETED"): True,

@@ -299,15 +299,17 @@ def _forward_launch_costs(shape: SRAShape, dtype: torch.dtype, training: bool) -
     """The cost of every forward launch a plan of :mod:`sra_kernels.plan` may name, by launch name.
 
     The reduction writes y, z and the LayerNorm statistics and the attention its log-sum-exp in inference
-    too; the fused-projection kernels also write q, o and the log-sum-exp when ``training``; ``reduce_kv``
-    is the reduction with the kv projection in its epilogue (reads W_kv, b_kv, writes kv);
+    too; the fused-projection kernels also write q, o and the log-sum-exp when ``training``; ``reduce_norm_kv``
+    is the reduction's LayerNorm kernel with the kv projection after it (reads W_kv, b_kv, writes kv);
     ``projected_self_attention`` projects k, v from its x tile (reads W_kv, b_kv instead of k, v).
     """
     B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
     e, x, reduced, reduction_input = _sizes(shape, dtype)
     weight = C * C * k * k
     kv = _gemm_forward(B * M, C, 2 * C, e)
-    reduce = Cost(2 * B * M * weight, (reduction_input + weight + 3 * C) * e, 2 * reduced * e + 2 * B * M * STAT_BYTES)
+    # the patch GEMM writes its fp32 sums (one K split at least), the LayerNorm kernel reads them and writes y, z
+    reduce = Cost(2 * B * M * weight, (reduction_input + weight) * e, reduced * 4)
+    reduce_norm = Cost(0, reduced * 4 + 3 * C * e, 2 * reduced * e + 2 * B * M * STAT_BYTES)
     saved = 2 * x * e + _lse_bytes(shape) if training else 0
     projected_flops = 2 * (2 * B * N * C * C) + 4 * B * N * M * C
     return {
@@ -315,7 +317,8 @@ def _forward_launch_costs(shape: SRAShape, dtype: torch.dtype, training: bool) -
         "pool": _pointwise(x, reduced, e),
         "conv_weight_layout": _pointwise(weight, weight, e),
         "reduce": reduce,
-        "reduce_kv": reduce + Cost(kv.flops, (2 * C * C + 2 * C) * e, kv.bytes_written),
+        "reduce_norm": reduce_norm,
+        "reduce_norm_kv": reduce_norm + Cost(kv.flops, (2 * C * C + 2 * C) * e, kv.bytes_written),
         "kv": kv,
         "attention": Cost(4 * B * N * M * C, (x + 2 * reduced) * e, x * e + _lse_bytes(shape)),
         "proj": _gemm_forward(B * N, C, C, e),
@@ -328,14 +331,14 @@ def _backward_launch_costs(shape: SRAShape, dtype: torch.dtype) -> dict[str, Cos
     """The cost of every backward launch, by name (x and every weight need gradients).
 
     The attention backward reads q, k, v, o, dO and the log-sum-exp and writes dq, dk, dv; the reduction's
-    LayerNorm/input kernel adds its dx into the q path's in place (reading it); ``kv_recompute`` is the
+    data-gradient kernel adds its dx into the q path's in place (reading it); ``kv_recompute`` is the
     one-kernel path's k, v GEMM, and ``kv_bwd_into_dx`` its kv backward, which adds dkv W_kv into the q
     path's dx (addmm: reads it once more); ``dx_sum`` adds the query and key/value paths' dx (sr = 1).
     """
     B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
     e, x, reduced, reduction_input = _sizes(shape, dtype)
     weight = C * C * k * k
-    da = reduced if shape.linear else reduction_input  # the LayerNorm/input kernel's da: pooled cells or patches
+    da = reduced if shape.linear else reduction_input  # the data-gradient kernel's da: pooled cells or patches
     da_read = 0 if shape.linear else da
     kv_bwd = _gemm_backward(B * M, C, 2 * C, e)
     return {
@@ -344,10 +347,12 @@ def _backward_launch_costs(shape: SRAShape, dtype: torch.dtype) -> dict[str, Cos
         "kv_bwd": kv_bwd,
         "q_bwd": _gemm_backward(B * N, C, C, e),
         "dx_sum": _pointwise(2 * x, x, e),
-        "conv_weight_layout": _pointwise(weight, weight, e),
-        "reduce_bwd_input": Cost(2 * B * M * weight, (2 * reduced + weight + 2 * C + da_read) * e
-                                 + 2 * B * M * STAT_BYTES, (reduced + da) * e),
-        "conv_weight_grad": Cost(2 * B * M * weight, (da + reduced) * e, weight * e),
+        "reduce_norm_bwd": Cost(0, (2 * reduced + 2 * C) * e + 2 * B * M * STAT_BYTES, reduced * e),
+        "reduce_param_grads": _pointwise(3 * C, 3 * C, e),
+        "reduce_dgrad": Cost(2 * B * M * weight, (reduced + weight + da_read) * e, da * e),
+        # fp32 sums of one token split at least, then cast into the weight's layout and dtype
+        "conv_weight_grad": Cost(2 * B * M * weight, (da + reduced) * e, weight * 4),
+        "conv_weight_grad_sum": Cost(0, weight * 4, weight * e),
         "pool_bwd": _pointwise(reduced + x, x, e),
         "kv_recompute": _gemm_forward(B * M, C, 2 * C, e),
         "kv_bwd_into_dx": kv_bwd + Cost(0, x * e, 0),

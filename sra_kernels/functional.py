@@ -63,16 +63,15 @@ def _measurer(problem: Problem, x, size, weights: SRAWeights, kwargs, determinis
 
 def plan_call(x: torch.Tensor, size, weights: SRAWeights, kwargs, backend: str, options: call_options.Options,
               dropout_p: float) -> Plan:
-    """The plan of one validated ``sra_attention`` call: cached per key in eager mode; under torch.compile
-    made while the graph is traced."""
+    """The plan of one validated ``sra_attention`` call: cached per key in eager mode; made while the graph is
+    traced under torch.compile, torch.export, torch.jit.trace and the ONNX exporters."""
     problem = _problem(x, size, weights, kwargs["num_heads"], kwargs["sr_ratio"], kwargs["linear"])
     device = x.device
     defaults = call_options.DEFAULTS
     compiling = torch.compiler.is_compiling()
-    if compiling:
-        return plan_sra(problem, device, backend, options, dropout_p=dropout_p, compiling=True, defaults=defaults)
-    if torch.jit.is_tracing():
-        return plan_sra(problem, device, backend, options, dropout_p=dropout_p, jit_tracing=True, defaults=defaults)
+    if compiling or torch.jit.is_tracing():  # traced: planned per trace; the ONNX exporters need PyTorch's ops
+        return plan_sra(problem, device, backend, options, dropout_p=dropout_p, compiling=compiling,
+                        jit_tracing=not compiling, onnx_export=torch.onnx.is_in_onnx_export(), defaults=defaults)
     key = (problem, device, backend, options, dropout_p > 0, defaults)
     plan = _PLANS.get(key)
     if plan is None:

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .ops.attention import reduced_kv_attention
+from .ops.linear import biased_linear
 from .ops.projected_attention import projected_attention, projected_self_attention, projected_sra
-from .ops.spatial_reduce import project_and_reduce, spatial_reduce
+from .ops.spatial_reduce import project_and_reduce, spatial_reduce, tap_major_layout
 from .plan import Plan, autocast_dtype, differentiated
 from .weights import SRAWeights, filled_reduction
 
@@ -32,12 +33,27 @@ def _autocast(*tensors):
     return tensors if dtype is None else tuple(t if t is None else t.to(dtype) for t in tensors)
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear; with a bias, the op whose backward sums the bias gradient by our deterministic column sum."""
+    return F.linear(x, weight) if bias is None else biased_linear(x, weight, bias)
+
+
+def _kernel_weights(weights: SRAWeights, dtype: torch.dtype | None) -> SRAWeights:
+    """``weights`` cast to autocast's ``dtype`` (None: as they are), the conv weight in the reduction kernels'
+    tap-major layout: one copy of each at most (the conv's relayout and cast are one)."""
+    if weights.sr_weight is not None:
+        weights = weights._replace(sr_weight=tap_major_layout(weights.sr_weight, dtype))
+    return weights if dtype is None else weights.to(dtype)
+
+
 def spatial_reduce_triton(x, size, sr_weight, sr_bias, norm_weight, norm_bias, *, sr_ratio, linear, eps):
     """Fused reduction of tokens x (B, N, C) -> (B, M, C); x itself when sr_ratio == 1 and not linear."""
     if not linear and sr_ratio == 1:
         return x
-    x, sr_weight, *optional = _autocast(x, sr_weight, sr_bias, norm_weight, norm_bias)
-    return spatial_reduce(x, *size, sr_weight, *filled_reduction(x, *optional), sr_ratio, linear, eps)[0]
+    dtype = autocast_dtype(x)
+    x, *optional = _autocast(x, sr_bias, norm_weight, norm_bias)
+    return spatial_reduce(x, *size, tap_major_layout(sr_weight, dtype), *filled_reduction(x, *optional), sr_ratio,
+                          linear, eps)[0]
 
 
 def reduced_kv_attention_triton(q, k, v, scale=None, deterministic=True):
@@ -58,7 +74,8 @@ def sra_attention_triton(x: torch.Tensor, size: tuple[int, int], weights: SRAWei
     """
     dtype = autocast_dtype(x)
     if dtype is not None:
-        x, weights = x.to(dtype), weights.to(dtype)
+        x = x.to(dtype)
+    weights = _kernel_weights(weights, dtype)
     if plan.path == "fused_projections":
         return _sra_attention_projected(x, size, weights, num_heads=num_heads, sr_ratio=sr_ratio, linear=linear,
                                         eps=eps, scale=scale, plan=plan)
@@ -69,14 +86,14 @@ def sra_attention_triton(x: torch.Tensor, size: tuple[int, int], weights: SRAWei
         q, reduced = project_and_reduce(x, *size, weights.q_weight, weights.q_bias, *reduction, sr_ratio, linear,
                                         eps)[:2]
     else:
-        q, reduced = F.linear(x, weights.q_weight, weights.q_bias), x
+        q, reduced = _linear(x, weights.q_weight, weights.q_bias), x
     # unbind: the backward stacks dk and dv into kv's gradient in one kernel (two selects would zero-fill it
     # twice, copy into each half and add)
-    k, v = F.linear(reduced, weights.kv_weight, weights.kv_bias).view(B, reduced.shape[1], 2, num_heads,
+    k, v = _linear(reduced, weights.kv_weight, weights.kv_bias).view(B, reduced.shape[1], 2, num_heads,
                                                                        head_dim).unbind(2)
     out = reduced_kv_attention(q.view(B, N, num_heads, head_dim), k, v, head_dim ** -0.5 if scale is None else scale,
                                plan.deterministic)[0]
-    return F.linear(out.view(B, N, C), weights.proj_weight, weights.proj_bias)
+    return _linear(out.view(B, N, C), weights.proj_weight, weights.proj_bias)
 
 
 def _sra_attention_projected(x, size, weights, *, num_heads, sr_ratio, linear, eps, scale, plan) -> torch.Tensor:
@@ -97,6 +114,6 @@ def _sra_attention_projected(x, size, weights, *, num_heads, sr_ratio, linear, e
         save = differentiated(x, *projections)
         return projected_self_attention(x, *projections, num_heads, scale, save, deterministic)[0]
     q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias = projections
-    k, v = F.linear(x, kv_weight, kv_bias).view(B, N, 2, num_heads, head_dim).unbind(2)
+    k, v = _linear(x, kv_weight, kv_bias).view(B, N, 2, num_heads, head_dim).unbind(2)
     save = differentiated(x, q_weight, q_bias, k, proj_weight, proj_bias)
     return projected_attention(x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, save, deterministic)[0]

@@ -106,19 +106,22 @@ class Plan(NamedTuple):
 
 # --------------------------------------------------------------------------- routes and their launches
 _GEMM = "gemm"
-_REDUCTION = (Launch("conv_weight_layout", "torch"), Launch("reduce", "triton", "_reduce_norm_fwd_kernel"))
-_REDUCTION_KV = (Launch("conv_weight_layout", "torch"), Launch("reduce_kv", "triton", "_reduce_norm_fwd_kernel"))
+_REDUCTION_GEMM = (Launch("conv_weight_layout", "torch"), Launch("reduce", "triton", "_patch_gemm_kernel"))
+_REDUCTION = (*_REDUCTION_GEMM, Launch("reduce_norm", "triton", "_sum_norm_kernel"))
+_REDUCTION_KV = (*_REDUCTION_GEMM, Launch("reduce_norm_kv", "triton", "_sum_norm_kernel"))
 _POOL = (Launch("pool", "triton", "_adaptive_pool_kernel"),)
-_REDUCTION_BACKWARD = (Launch("conv_weight_layout", "torch"),
-                       Launch("reduce_bwd_input", "triton", "_reduce_norm_bwd_input_kernel"),
-                       Launch("conv_weight_grad", "triton", "_conv_weight_grad_kernel"))
+_REDUCTION_BACKWARD = (Launch("reduce_norm_bwd", "triton", "_norm_bwd_kernel"),
+                       Launch("reduce_param_grads", "triton", "_param_grad_sum_kernel"),
+                       Launch("reduce_dgrad", "triton", "_patch_dgrad_kernel"),
+                       Launch("conv_weight_grad", "triton", "_conv_weight_grad_kernel"),
+                       Launch("conv_weight_grad_sum", "triton", "_weight_grad_sum_kernel"))
 _ATTENTION_BACKWARD = (Launch("proj_bwd", _GEMM), Launch("attention_bwd", "triton", "_bwd_kernel"))
 _PROJECTED = Launch("projected_attention", "triton", "_projected_fwd_kernel")
 
 ROUTES = {
-    "reduce_attend": "q GEMM, reduction kernel, kv GEMM, attention kernel, out GEMM",
+    "reduce_attend": "q GEMM, reduction kernels (patch GEMM, LayerNorm), kv GEMM, attention kernel, out GEMM",
     "attend": "q and kv GEMMs, attention kernel, out GEMM (sr = 1: keys are x)",
-    "reduce_project_attend": "reduction kernel with the kv projection, then the projected-attention kernel",
+    "reduce_project_attend": "reduction kernels (kv projected after the LayerNorm), projected-attention kernel",
     "project_attend_self": "one kernel: q, k, v, attention and out projection (sr = 1)",
     "kv_project_attend": "kv GEMM, then the projected-attention kernel (sr = 1)",
     "sdpa": "Conv2d + LayerNorm, Linears, F.scaled_dot_product_attention",
@@ -218,7 +221,7 @@ Measure = Callable[[str], float]
 
 
 def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", options: Options = Options(), *,
-             dropout_p: float = 0.0, compiling: bool = False, jit_tracing: bool = False,
+             dropout_p: float = 0.0, compiling: bool = False, jit_tracing: bool = False, onnx_export: bool = False,
              measure: Measure | None = None, defaults: Defaults = DEFAULTS,
              capability: tuple[int, int] | None = None) -> Plan:
     """The plan of one SRA call (see the module docstring).
@@ -235,13 +238,19 @@ def plan_sra(problem: Problem, device: torch.device, backend: str = "auto", opti
     ``compiling``: the call is being traced by torch.compile (the table then compares against compiled
     PyTorch, and nothing is timed). ``jit_tracing``: ``torch.jit.trace`` is recording, which cannot record our
     kernels (``auto`` runs ``sdpa``; ``triton`` raises). ``capability``: the CUDA device's (major, minor), default
-    read from it (``python -m sra_kernels --explain`` passes one to show another GPU's plan).
+    read from it (``python -m sra_kernels --explain`` passes one to show another GPU's plan). ``onnx_export``: an
+    ONNX exporter is tracing, whose graph must hold standard ops: ``reference`` runs as named, any other backend
+    ``sdpa`` (exported as MatMul / Softmax, or Attention).
     """
     from . import autotune, policy  # the table and the tuner import this module's paths
 
     deterministic = options.deterministic
     if dropout_p > 0:
         return make_plan("sdpa", problem, deterministic, "attention dropout: sdpa's fused attention applies it")
+    if onnx_export:  # before resolve_backend: a triton model exports on a machine that cannot run the kernels
+        check_backend_name(backend)
+        path = "reference" if (defaults.backend if backend == "auto" else backend) == "reference" else "sdpa"
+        return make_plan(path, problem, deterministic, f"ONNX export: backend={backend!r} runs {path}")
     backend, named = resolve_backend(backend, device, defaults)
     if backend in ("reference", "sdpa"):
         return make_plan(backend, problem, deterministic, f"backend={backend!r}")

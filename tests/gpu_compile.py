@@ -70,6 +70,7 @@ CASES = dict(
         ((2, 16384, 256, 1, 32, True), WIDE),  # SegFormer stage 1 at 512 px (128x128, sr 8)
         ((2, 16384, 256, 4, 128, True), WIDE),  # largest head_dim: keys looped, the biggest tiles
         ((2, 4096, 1024, 2, 64, False), WIDE),  # long key set, fp32 atomics for dK/dV
+        ((16, 256, 256, 8, 64, True), WIDE),  # N ~ M (PVT stage 4 at 512 px): the key-parallel backward
     ),
     projected=(  # (B, N, M, C, heads, save): q and out projections inside the attention kernel
         ((2, 3136, 49, 64, 1, True), ALL),  # stage 1 at 224 px, training (q, o, lse saved)
@@ -85,7 +86,8 @@ FULL_CASES = dict(
                   for sr in (2, 4, 8))
     + (((2, 33, 50, 128, 4, False), ALL),)
     + tuple(((2, hw, hw, c, 1, True), ALL) for hw, c in ((56, 64), (28, 128), (14, 320), (7, 512))),
-    attention=tuple(((2, n, m, h, d, det), ALL) for n, m in ((3136, 49), (16384, 256), (4096, 1024))
+    attention=tuple(((b, n, m, h, d, det), ALL) for b, n, m in ((2, 3136, 49), (2, 16384, 256), (2, 4096, 1024),
+                                                                 (16, 256, 256))
                     for h, d in ((1, 32), (1, 64), (8, 40), (4, 128)) for det in (True, False)),
     projected=tuple(((2, n, m, c, h, save), ALL) for n, m in ((3136, 49), (16384, 256), (49, 49), (64, 64))
                     for c, h in ((32, 1), (64, 1), (128, 2), (40, 5)) for save in (True, False)),
@@ -158,7 +160,7 @@ def _recording(sm_count: int):
     """Swap every ``*_kernel`` of the op modules for a recorder; yields the list the launches go to."""
     from triton.runtime.jit import JITFunction
 
-    from sra_kernels.ops import attention, projected_attention, spatial_reduce
+    from sra_kernels.ops import attention, column_sum, projected_attention, spatial_reduce
 
     launches: list = []
     patches = {(attention, "_num_sms"): lambda device: sm_count,
@@ -166,7 +168,7 @@ def _recording(sm_count: int):
                (attention, "_check_launchable"): _allow_meta(attention._check_launchable)}
     attention._plan.cache_clear()  # the plans depend on the (stubbed) SM count
     projected_attention._plan.cache_clear()
-    for module in (spatial_reduce, attention, projected_attention):
+    for module in (spatial_reduce, attention, projected_attention, column_sum):
         for name, fn in vars(module).items():
             if name.endswith("_kernel") and isinstance(fn, JITFunction):
                 patches[(module, name)] = _Recorder(fn, launches)
@@ -181,7 +183,8 @@ def _recording(sm_count: int):
 
 
 def _run_spatial(B, H, W, C, sr, linear, dtype) -> str:
-    """spatial_reduce_forward + backward on meta tensors; returns the case label."""
+    """spatial_reduce_forward + backward, and the q bias gradient's column sum, on meta tensors; the case label."""
+    from sra_kernels.ops.column_sum import column_sum
     from sra_kernels.ops.spatial_reduce import (
         kv_max_channels,
         reduce_and_project_kv,
@@ -197,6 +200,7 @@ def _run_spatial(B, H, W, C, sr, linear, dtype) -> str:
         kv_weight, kv_bias = torch.empty(2 * C, C, **meta), torch.empty(2 * C, **meta)
         reduce_and_project_kv(x, H, W, weight, vec, vec, vec, sr, linear, 1e-5, kv_weight, kv_bias)
     spatial_reduce_backward(torch.empty_like(y), x, H, W, weight, vec, vec, vec, *saved, sr, linear, 1e-5)
+    column_sum(x.view(-1, C), dtype)
     return f"spatial B{B} {H}x{W} C{C} " + ("linear" if linear else f"sr{sr}")
 
 

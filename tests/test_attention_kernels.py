@@ -84,8 +84,29 @@ def test_matches_reference(B, N, M, h, d, dtype):
     check_case(B, N, M, h, d, dtype)
 
 
+@pytest.fixture
+def sm_count(monkeypatch):
+    """Set the SM count the launch plans see (plans re-made around the test)."""
+    def set_count(count):
+        monkeypatch.setattr(attention, "_num_sms", lambda device: count)
+        attention._plan.cache_clear()
+    yield set_count
+    attention._plan.cache_clear()
+
+
+@pytest.mark.parametrize("parallel", ["queries", "keys"])
+@pytest.mark.parametrize("B,N,M,h,d,dtype", [(1, 200, 300, 2, 64, BF16), (2, 17, 100, 8, 20, F32)])
+def test_looped_keys_backward_both_ways(B, N, M, h, d, dtype, parallel, sm_count):
+    """Keys looped: query-parallel with dK/dV partials when the key blocks would not fill the GPU, else
+    key-parallel (dQ and delta, then dK/dV per key block): both match the reference."""
+    sm_count(1 if parallel == "keys" else 10**6)
+    assert attention._plan(N, M, d, B * h, dtype, DEVICE, backward=True).key_parallel == (parallel == "keys")
+    check_case(B, N, M, h, d, dtype)
+
+
 @pytest.mark.parametrize("B,N,M,h,d,dtype", [(1, 200, 49, 1, 64, BF16), (1, 70, 100, 2, 40, F32)])
-def test_atomic_dkv_matches_reference(B, N, M, h, d, dtype):
+def test_atomic_dkv_matches_reference(B, N, M, h, d, dtype, sm_count):
+    sm_count(10**6)  # query-parallel: the atomics add its programs' dK/dV
     check_case(B, N, M, h, d, dtype, deterministic=False)
 
 

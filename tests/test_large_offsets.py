@@ -21,7 +21,7 @@ import pytest
 import torch
 from triton.runtime.jit import KernelInterface
 
-from sra_kernels.ops import attention, projected_attention, spatial_reduce
+from sra_kernels.ops import attention, column_sum, projected_attention, spatial_reduce
 
 ROOT = Path(__file__).resolve().parents[1]
 REACH = 2 ** 31
@@ -171,7 +171,7 @@ def grids(monkeypatch):
             recorded.append((self.name, tuple(grid)))
             return lambda *args, **kwargs: None
 
-    for module in (attention, projected_attention, spatial_reduce):
+    for module in (attention, column_sum, projected_attention, spatial_reduce):
         for name, fn in list(vars(module).items()):
             if name.endswith("_kernel") and isinstance(fn, KernelInterface):
                 monkeypatch.setattr(module, name, Stub(name))
@@ -203,9 +203,11 @@ def test_grids_fit_cuda_limits_at_4096x4096(grids, dtype):
         weights = (torch.empty(C, C, sr, sr, **meta), *(torch.empty(C, **meta) for _ in range(3)))
         y, *saved = spatial_reduce.spatial_reduce_forward(x, side, side, *weights, sr, linear, 1e-5)
         spatial_reduce.spatial_reduce_backward(torch.empty_like(y), x, side, side, *weights, *saved, sr, linear, 1e-5)
-    assert {name for name, _ in grids} >= {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_kernel", "_sum_partials_kernel",
-                                           "_projected_fwd_kernel", "_adaptive_pool_kernel", "_reduce_norm_fwd_kernel",
-                                           "_reduce_norm_bwd_input_kernel", "_conv_weight_grad_kernel",
+    assert {name for name, _ in grids} >= {"_fwd_kernel", "_bwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel",
+                                           "_projected_fwd_kernel", "_adaptive_pool_kernel", "_patch_gemm_kernel",
+                                           "_sum_norm_kernel", "_norm_bwd_kernel",
+                                           "_patch_dgrad_kernel", "_conv_weight_grad_kernel", "_weight_grad_sum_kernel",
+                                           "_finish_column_sums_kernel",
                                            "_adaptive_pool_bwd_kernel"}
     over = sorted({(name, grid) for name, grid in grids
                    if not (1 <= len(grid) <= 3 and 1 <= grid[0] <= GRID_X_MAX

@@ -35,12 +35,12 @@ def test_the_fused_projection_path_is_for_16_bit_and_narrow_x():
 
 
 @pytest.mark.parametrize("path, sr, linear, N, route, forward", [
-    ("cublas_projections", 8, False, 4096, "reduce_attend", ["q", "conv_weight_layout", "reduce", "kv", "attention",
-                                                              "proj"]),
-    ("cublas_projections", 1, True, 4096, "reduce_attend", ["q", "pool", "conv_weight_layout", "reduce", "kv",
-                                                             "attention", "proj"]),
+    ("cublas_projections", 8, False, 4096, "reduce_attend", ["q", "conv_weight_layout", "reduce", "reduce_norm", "kv",
+                                                              "attention", "proj"]),
+    ("cublas_projections", 1, True, 4096, "reduce_attend", ["q", "pool", "conv_weight_layout", "reduce",
+                                                             "reduce_norm", "kv", "attention", "proj"]),
     ("cublas_projections", 1, False, 49, "attend", ["q", "kv", "attention", "proj"]),
-    ("fused_projections", 4, False, 4096, "reduce_project_attend", ["conv_weight_layout", "reduce_kv",
+    ("fused_projections", 4, False, 4096, "reduce_project_attend", ["conv_weight_layout", "reduce", "reduce_norm_kv",
                                                                      "projected_attention"]),
     ("fused_projections", 1, False, 64, "project_attend_self", ["projected_self_attention"]),
     ("fused_projections", 1, False, 65, "kv_project_attend", ["kv", "projected_attention"]),

@@ -95,6 +95,7 @@ STRIDED_CASES = [  # B, H, W, C, sr
     (1, 6, 10, 80, 2),
     (1, 5, 4, 160, 2),
     (1, 10, 8, 40, 3),  # odd ratio, C not a multiple of the channel chunk
+    (3, 12, 12, 32, 2),  # 108 reduced tokens: row tiles that span images
 ]
 LINEAR_CASES = [  # B, H, W, C
     (1, 7, 7, 32),
@@ -180,6 +181,22 @@ def test_empty_batch_launches_nothing(linear, monkeypatch, kernel_device):
     assert y.shape == (0, 49 if linear else 20, C)
     for g, like in zip(grads, inputs):
         assert g.shape == like.shape and g.dtype == like.dtype and (g == 0).all()
+
+
+def test_tap_major_weight_is_read_in_place(kernel_device):
+    """A tap_major_layout conv weight reaches the kernels without a copy, forward and backward, and gives the
+    standard-layout weight's results bit for bit; the weight gradient comes back in (C_out, C_in, k, k) order."""
+    B, H, W, C, sr = 2, 9, 11, 32, 2
+    inputs, grad = _problem(B, H, W, C, sr, False, torch.float32, kernel_device)
+    tap_major = sr_ops.tap_major_layout(inputs[1])
+    assert torch.equal(tap_major, inputs[1]) and not tap_major.is_contiguous()
+    assert sr_ops.tap_major_layout(tap_major).data_ptr() == tap_major.data_ptr()
+    assert sr_ops._tap_major(tap_major).data_ptr() == tap_major.data_ptr()
+    standard = _kernels(inputs, grad, H, W, sr, False)
+    in_place = _kernels([inputs[0], tap_major, *inputs[2:]], grad, H, W, sr, False)
+    for a, b in zip((standard[0], *standard[2]), (in_place[0], *in_place[2])):
+        assert torch.equal(a, b)
+    assert in_place[2][1].is_contiguous()
 
 
 def test_identity_ratio_is_rejected():

@@ -111,7 +111,7 @@ def test_building_blocks_run_the_kernels(kernel_device, kernel_calls):
     o = reduced_kv_attention(q, k, v, backend="triton")
     torch.testing.assert_close(o, reduced_kv_attention(q, k, v, backend="reference"))
     torch.testing.assert_close(o, reduced_kv_attention(q, k, v, backend="sdpa"))
-    assert [name for name, _ in kernel_calls] == ["_reduce_norm_fwd_kernel", "_fwd_kernel"]
+    assert [name for name, _ in kernel_calls] == ["_patch_gemm_kernel", "_sum_norm_kernel", "_fwd_kernel"]
 
 
 def _op_samples(device):
@@ -353,7 +353,8 @@ def test_autocast_runs_kernels_in_low_precision(kernel_device, kernel_calls):
         with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
             outputs[backend] = module(x, 8, 10)
     assert outputs["triton"].dtype == outputs["sdpa"].dtype == torch.bfloat16
-    assert kernel_calls == [("_reduce_norm_fwd_kernel", torch.bfloat16), ("_fwd_kernel", torch.bfloat16)]
+    assert kernel_calls == [("_patch_gemm_kernel", torch.bfloat16), ("_sum_norm_kernel", torch.float32),
+                            ("_fwd_kernel", torch.bfloat16)]
     torch.testing.assert_close(outputs["triton"].float(), outputs["sdpa"].float(), rtol=0.05, atol=0.05)
 
 

@@ -7,9 +7,11 @@ scaled scores, lse (B, h, N) fp32, which the backward uses to recompute the prob
 
 When the keys of one (batch, head) fit in one block, a program loads K and V once and streams its
 share of query blocks through them (persistent over query blocks); longer key sets loop over key
-blocks. The backward is parallel over query blocks: dQ is written directly, and every program sums
-its queries' dK/dV into one fp32 partial, reduced in a fixed order by a second kernel (or, opt-in,
-added with fp32 atomics).
+blocks. The backward is parallel over query blocks when N >> M: dQ is written directly, and every
+program sums its queries' dK/dV into one fp32 partial, reduced in a fixed order by a second kernel
+(or, opt-in, added with fp32 atomics). When the key blocks alone fill the GPU (N ~ M) it is key-parallel
+instead: one kernel writes dQ (and delta, from the dO and O tiles it loads), a second sums each key block's
+dK/dV over all queries in order, straight into dK, dV. Both are deterministic.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from ..validation import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
 from .registration import register
+
+GRID_Y_MAX = 65535
+"""CUDA's limit on a launch grid's y (and z) dimension."""
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -157,6 +162,48 @@ def _store_dkv(dk_base, dkv_stride, dk, dv, rows, cols, row_stride, M, D, ATOMIC
         tl.store(ptrs + dkv_stride, dv, mask=mask)
 
 
+@triton.jit
+def _backward_bases(pid_bh, N, H, D, Q, sq_b, sq_h, K, sk_b, sk_h, V, sv_b, sv_h, O, so_b, so_h, DO, sdo_b, sdo_h,
+                    DQ, LSE, DELTA):
+    """(b, head, then the q, k, v, o, dO, dQ bases and the lse, delta rows) of (batch, head) pid_bh = b*H + head."""
+    b = (pid_bh // H).to(tl.int64)
+    hh = (pid_bh % H).to(tl.int64)
+    rows = pid_bh.to(tl.int64) * N
+    return (b, hh, Q + b * sq_b + hh * sq_h, K + b * sk_b + hh * sk_h, V + b * sv_b + hh * sv_h,
+            O + b * so_b + hh * so_h, DO + b * sdo_b + hh * sdo_h, DQ + b * N * H * D + hh * D, LSE + rows,
+            DELTA + rows)
+
+
+@triton.jit
+def _dq_over_keys(q, do, lse2, delta, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ / scale (BN, BD) fp32 of one query block (q, dO, lse, delta loaded) over all M keys, a key block at a time."""
+    dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
+        v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
+        p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, start_m + keys < M, qk_scale)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+    return dq
+
+
+@triton.jit
+def _dkdv_over_queries(k, v, key_valid, q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, lse_row, delta_row, cols,
+                       first_qb, num_qb, step, N, D, qk_scale,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """(dK / scale, dV) (BM, BD) fp32 of one key block (k, v loaded) over query blocks first_qb, +step, ..."""
+    dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for qb in range(first_qb, num_qb, step):
+        rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+        q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, q_base, sq_n, sq_d,
+                                              lse_row, delta_row, rows, cols, N, D, False, UPCAST)
+        p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, key_valid, qk_scale)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")
+    return dk, dv
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -237,16 +284,8 @@ def _bwd_kernel(
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     num_q = tl.num_programs(1)
-    b = (pid_bh // H).to(tl.int64)
-    hh = (pid_bh % H).to(tl.int64)
-    q_base = Q + b * sq_b + hh * sq_h
-    k_base = K + b * sk_b + hh * sk_h
-    v_base = V + b * sv_b + hh * sv_h
-    o_base = O + b * so_b + hh * so_h
-    do_base = DO + b * sdo_b + hh * sdo_h
-    dq_base = DQ + b * N * H * D + hh * D
-    lse_row = LSE + pid_bh.to(tl.int64) * N
-    delta_row = DELTA + pid_bh.to(tl.int64) * N
+    b, hh, q_base, k_base, v_base, o_base, do_base, dq_base, lse_row, delta_row = _backward_bases(
+        pid_bh, N, H, D, Q, sq_b, sq_h, K, sk_b, sk_h, V, sv_b, sv_h, O, so_b, so_h, DO, sdo_b, sdo_h, DQ, LSE, DELTA)
     dk_base = DKV + pid_q.to(tl.int64) * partial_stride + b * M * H * D + hh * D
     cols = tl.arange(0, BLOCK_D)
     keys = tl.arange(0, BLOCK_M)
@@ -271,26 +310,73 @@ def _bwd_kernel(
             rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
             q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
                                                   lse_row, delta_row, rows, cols, N, D, False, UPCAST)
-            dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for start_m in range(0, M, BLOCK_M):
-                k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
-                v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
-                p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, start_m + keys < M, qk_scale)
-                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+            dq = _dq_over_keys(q, do, lse2, delta, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
+                               BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
             _store_tile(dq_base, dq * scale, rows, cols, H * D, N, D)
         for start_m in range(0, M, BLOCK_M):
             k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
             v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
-            dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for qb in range(pid_q, num_qb, num_q):
-                rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
-                q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
-                                                      lse_row, delta_row, rows, cols, N, D, False, UPCAST)
-                p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, start_m + keys < M, qk_scale)
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")
+            dk, dv = _dkdv_over_queries(k, v, start_m + keys < M, q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, lse_row,
+                                        delta_row, cols, pid_q, num_qb, num_q, N, D, qk_scale,
+                                        BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
             _store_dkv(dk_base, dkv_stride, dk * scale, dv, start_m + keys, cols, H * D, M, D, ATOMIC)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ,
+    sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
+    so_b, so_n, so_h, so_d, sdo_b, sdo_n, sdo_h, sdo_d,
+    N, M, H, D, scale, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Key-parallel backward, first kernel. Grid (B*h, P): program (bh, p) handles query blocks p, p + P, ...
+
+    Computes delta = rowsum(dO * O) from the tiles it loads (writing DELTA (B, h, N) fp32 for the dK/dV kernel)
+    and writes DQ (B, N, h, d) contiguous, looping over all keys.
+    """
+    pid_bh = tl.program_id(0)
+    b, hh, q_base, k_base, v_base, o_base, do_base, dq_base, lse_row, delta_row = _backward_bases(
+        pid_bh, N, H, D, Q, sq_b, sq_h, K, sk_b, sk_h, V, sv_b, sv_h, O, so_b, so_h, DO, sdo_b, sdo_h, DQ, LSE, DELTA)
+    cols = tl.arange(0, BLOCK_D)
+    keys = tl.arange(0, BLOCK_M)
+    for qb in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
+        rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
+        q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
+                                              lse_row, delta_row, rows, cols, N, D, True, UPCAST)
+        tl.store(delta_row + rows, delta, mask=rows < N)
+        dq = _dq_over_keys(q, do, lse2, delta, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
+                           BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
+        _store_tile(dq_base, dq * scale, rows, cols, H * D, N, D)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
+    sdo_b, sdo_n, sdo_h, sdo_d,
+    N, M, H, D, scale, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Key-parallel backward, second kernel. Grid (B*h, cdiv(M, BLOCK_M)): program (bh, kb) owns key block kb
+    and sums its dK, dV over every query, in order, straight into DK, DV (B, M, h, d) contiguous in their dtype
+    (no partials); delta comes from DELTA (B, h, N) written by ``_bwd_dq_kernel``.
+    """
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    hh = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * sq_b + hh * sq_h
+    do_base = DO + b * sdo_b + hh * sdo_h
+    lse_row = LSE + pid_bh.to(tl.int64) * N
+    delta_row = DELTA + pid_bh.to(tl.int64) * N
+    cols = tl.arange(0, BLOCK_D)
+    keys = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = _load_tile(K + b * sk_b + hh * sk_h, keys, cols, sk_m, sk_d, M, D, UPCAST)
+    v = _load_tile(V + b * sv_b + hh * sv_h, keys, cols, sv_m, sv_d, M, D, UPCAST)
+    dk, dv = _dkdv_over_queries(k, v, keys < M, q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, lse_row, delta_row, cols,
+                                0, tl.cdiv(N, BLOCK_N), 1, N, D, qk_scale, BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
+    _store_tile(DK + b * M * H * D + hh * D, dk * scale, keys, cols, H * D, M, D)
+    _store_tile(DV + b * M * H * D + hh * D, dv, keys, cols, H * D, M, D)
 
 
 @triton.jit
@@ -324,6 +410,7 @@ class _Plan(NamedTuple):
     num_programs: int  # programs per (batch, head), each striding over query blocks
     num_warps: int
     num_stages: int
+    key_parallel: bool = False  # backward: dQ by query blocks, then dK/dV by key blocks (no partials)
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,8 +456,14 @@ def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: 
     # Several programs per SM hide latency. Backward: each program owns one dK/dV partial (fp32,
     # B*M*h*d*2 each), so the partials stay bounded by about four per SM.
     per_sm = 4
-    num_programs = max(1, min(cdiv(N, block_n), cdiv(per_sm * _num_sms(device), batch_heads)))
-    return _Plan(block_n, block_m, block_d, M <= kv_max, num_programs, num_warps, num_stages)
+    num_sms = _num_sms(device)
+    num_programs = max(1, min(cdiv(N, block_n), cdiv(per_sm * num_sms, batch_heads)))
+    # Keys looped (M > kv_max): when the key blocks of all (batch, head)s alone fill the GPU (N ~ M, e.g. every
+    # 512 px stage but the first), one program per key block sums dK/dV over all queries, and no fp32 partials
+    # (~70 MB per call at 512 px) are written and re-read. Chosen by this count, not yet timed on a GPU.
+    key_blocks = cdiv(M, block_m)
+    key_parallel = backward and M > kv_max and batch_heads * key_blocks >= num_sms and key_blocks <= GRID_Y_MAX
+    return _Plan(block_n, block_m, block_d, M <= kv_max, num_programs, num_warps, num_stages, key_parallel)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -439,6 +532,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     lse = lse.contiguous()
     plan = _plan(N, M, D, B * H, q.dtype, q.device, backward=True)
     dq = _empty((B, N, H, D), q.dtype, q.device)
+    if plan.key_parallel:
+        return _key_parallel_backward(do, q, k, v, o, lse, dq, scale, plan)
     if deterministic:
         dkv = _empty((plan.num_programs, 2, B, M, H, D), torch.float32, q.device)
     else:
@@ -463,6 +558,28 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     block = 1024
     _sum_partials_kernel[(cdiv(dk.numel(), block),)](
         dkv, dk, dv, dkv.shape[0], dk.numel(), dkv.stride(0), BLOCK=block, num_warps=4,
+    )
+    return dq, dk, dv
+
+
+def _key_parallel_backward(do, q, k, v, o, lse, dq, scale, plan):
+    """:func:`attention_backward` by two kernels: dQ (and delta) by query blocks, then dK, dV by key blocks."""
+    B, N, H, D = q.shape
+    M = k.shape[1]
+    delta = _empty((B, H, N), torch.float32, q.device)
+    common = dict(BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, UPCAST=INTERPRETED,
+                  num_warps=plan.num_warps, num_stages=plan.num_stages)
+    _bwd_dq_kernel[(B * H, plan.num_programs)](
+        q, k, v, o, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
+        N, M, H, D, scale, scale * LOG2E.value, **common,
+    )
+    dk = _empty((B, M, H, D), q.dtype, q.device)
+    dv = _empty((B, M, H, D), q.dtype, q.device)
+    _bwd_dkdv_kernel[(B * H, cdiv(M, plan.block_m))](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        N, M, H, D, scale, scale * LOG2E.value, **common,
     )
     return dq, dk, dv
 

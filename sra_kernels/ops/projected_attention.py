@@ -33,6 +33,7 @@ from .attention import (
     _to_bhsd,
     reduced_kv_attention_backward,
 )
+from .column_sum import column_sum
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
 from .registration import register
@@ -238,7 +239,7 @@ def _attention_and_projection_backward(grad_out, x, k, v, proj_weight, q, o, lse
     do = (grad_out @ proj_weight).view(B, N, heads, head_dim)
     dq, dk, dv = reduced_kv_attention_backward(do, q.view(B, N, heads, head_dim), k, v,
                                                o.view(B, N, heads, head_dim), lse, scale, deterministic)
-    return dq.reshape(-1, C), dk, dv, grad_out.T @ o.reshape(-1, C), grad_out.sum(0)
+    return dq.reshape(-1, C), dk, dv, grad_out.T @ o.reshape(-1, C), column_sum(grad_out, grad_out.dtype)
 
 
 def _projected_attention(
@@ -262,7 +263,8 @@ def _projected_attention_autograd(ctx, grad_out, *_unused_grads):
     dq, dk, dv, d_proj_weight, d_proj_bias = _attention_and_projection_backward(
         grad_out, x, k, v, proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
     dx = (dq @ q_weight).view(x.shape)
-    return dx, dq.T @ x.reshape(-1, x.shape[-1]), dq.sum(0), dk, dv, d_proj_weight, d_proj_bias, None, None, None
+    return (dx, dq.T @ x.reshape(-1, x.shape[-1]), column_sum(dq, dq.dtype), dk, dv, d_proj_weight, d_proj_bias,
+            None, None, None)
 
 
 def _projected_attention_flops(x_shape, q_weight_shape, q_bias_shape, k_shape, v_shape, *args, out_shape=None,
@@ -310,7 +312,8 @@ def _projected_self_attention_autograd(ctx, grad_out, *_unused_grads):
         grad_out, x, kv[:, :, 0], kv[:, :, 1], proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
     dkv = torch.cat((dk.reshape(-1, C), dv.reshape(-1, C)), 1)
     dx = torch.addmm(dq @ q_weight, dkv, kv_weight).view(B, N, C)
-    return (dx, dq.T @ x2d, dq.sum(0), dkv.T @ x2d, dkv.sum(0), d_proj_weight, d_proj_bias, None, None, None, None)
+    return (dx, dq.T @ x2d, column_sum(dq, dq.dtype), dkv.T @ x2d, column_sum(dkv, dkv.dtype), d_proj_weight,
+            d_proj_bias, None, None, None, None)
 
 
 def _projected_self_attention_flops(x_shape, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape,
@@ -380,8 +383,9 @@ def _projected_sra_autograd(ctx, grad_out, *_unused_grads):
     dx, dw, db, dnw, dnb = project_and_reduce_backward_call(
         dq.view(B, N, C), grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
         sr_ratio, linear, eps)
-    return (dx, None, None, dq.T @ x.reshape(-1, C), dq.sum(0), dkv.T @ y.reshape(-1, C), dkv.sum(0), d_proj_weight,
-            d_proj_bias, dw, db, dnw, dnb, None, None, None, None, None, None, None)
+    return (dx, None, None, dq.T @ x.reshape(-1, C), column_sum(dq, dq.dtype), dkv.T @ y.reshape(-1, C),
+            column_sum(dkv, dkv.dtype), d_proj_weight, d_proj_bias, dw, db, dnw, dnb, None, None, None, None, None,
+            None, None)
 
 
 def _projected_sra_flops(x_shape, H, W, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape,

@@ -7,15 +7,21 @@ out tap-major as (sr, sr, C_in, C_out) = (K = sr*sr*C, C) the conv is patches (M
 Trailing rows/columns (H, W not multiples of sr) are never read, as in Conv2d.
 
 Linear mode (PVTv2 linear SRA): y = GELU(LayerNorm(Conv1x1(AdaptiveAvgPool2d(7)(image)) + bias)). A pooling
-kernel writes the (B, 49, C) pooled tokens; the same GEMM + LayerNorm kernel then runs on them with sr = 1.
+kernel writes the (B, 49, C) pooled tokens; the same kernels then run on them with sr = 1.
 
-Backward: one kernel recomputes the LayerNorm (and GELU) backward per row block from the saved conv output
-z and mean/rstd, writes dz and per-program partial sums of the norm/bias gradients, and multiplies dz by the
-weight into the patch (or pooled) gradient. Patches do not overlap, so the strided-mode dx is a plain
-scatter; pooled gradients are gathered into dx by a second kernel (each token sums the <= CELLS_H * CELLS_W
-windows containing it). The conv weight gradient is patches^T @ dz, one program per output tile and token
-range. Every reduction is a fixed-order sum of per-program partials: no atomics, bit-identical reruns.
-Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 dots (never TF32).
+Forward, two kernels: the patch GEMM over the reduced tokens of all images flattened into rows (R = B*M, so
+M = 49 does not pad tiles), in tiles of 64-128 rows x 64-128 output channels and, when that leaves the GPU
+short of programs, split over the K loop; it writes fp32 sums. A whole-row kernel adds the splits in order,
+the bias, and applies the LayerNorm (+ GELU, + the kv projection on the fused-projection path).
+
+Backward, from well-shaped pieces: a whole-row kernel does the LayerNorm (+ GELU) backward once per row
+(dz, and per-program partial sums of the norm / bias gradients, added in a fixed order by a small kernel);
+a data-gradient GEMM dz @ weight^T writes the patch (or pooled) gradient, one K step per program; patches do
+not overlap, so the strided-mode dx is a plain scatter, and pooled gradients are gathered into dx by a
+pooling-backward kernel (each token sums the <= CELLS_H * CELLS_W windows containing it). The conv weight
+gradient is patches^T @ dz, one program per output tile and token range, its fp32 partials summed in order
+into the weight's own (C_out, C_in, kh, kw) layout and dtype. Every reduction is a fixed-order sum: no
+atomics, bit-identical reruns. Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 dots (never TF32).
 """
 
 from __future__ import annotations
@@ -26,12 +32,20 @@ import triton.language as tl
 
 from ..reference import LINEAR_POOL_SIZE
 from .attention import strided_offsets
+from .column_sum import column_sum, sum_partials
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
 from .registration import register
 
 _TARGET_PROGRAMS = 528
-"""Programs a reduction grid should offer before it is split further: 4 waves of an H100's 132 SMs."""
+"""Programs a backward reduction grid should offer before it is split further: 4 waves of an H100's 132 SMs."""
+
+_GEMM_TARGET_PROGRAMS = 264
+"""Programs the forward patch GEMM splits its K loop for: 2 waves of an H100 / H200's 132 SMs (not yet tuned on a
+GPU: benchmarks/sweep_reduce.py measures the alternatives)."""
+
+_MIN_STEPS_PER_SPLIT = 4
+"""Fewest K steps a split of the patch GEMM keeps (a 3-stage pipeline needs a few to fill)."""
 
 _alloc = torch.empty
 """Allocator of every kernel-written buffer (tests swap in a NaN-filled one to prove full coverage)."""
@@ -115,43 +129,70 @@ def _adaptive_pool_kernel(
 
 
 @triton.jit
-def _reduce_norm_fwd_kernel(
-    a_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, kv_w_ptr, kv_b_ptr,
-    y_ptr, z_ptr, mean_ptr, rstd_ptr, kv_ptr,
-    M, Wr, W_img, C, num_m_blocks, eps,
+def _patch_gemm_kernel(
+    a_ptr, w_ptr, part_ptr,
+    R, M, Wr, W_img, C, steps_per_split,
     stride_ab, stride_an, stride_ac,
-    SR: tl.constexpr, GELU: tl.constexpr, KV: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    SR: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Patch GEMM + bias + LayerNorm (+ GELU) of BLOCK_M reduced tokens of one image (+ the kv projection).
+    """part[split] (R = B*M, C) fp32 = patches @ w over this program's split of the K steps (no bias).
 
-    a: source tokens (B, L, C) of an image W_img wide, read through its strides; w: (SR*SR*C, C) tap-major.
-    Writes y (B, M, C) and the conv output z (B, M, C) in a's dtype, mean and rstd (B, M) in fp32. With KV
-    also kv (B, M, 2C) = y kv_w^T + kv_b (kv_w (2C, C), kv_b (2C,) contiguous), from y rounded to a's dtype.
+    Program (row block, column block, split) owns reduced tokens r = b*M + m (rows flattened across images,
+    so short images do not pad tiles) and output channels [n0, n0 + BLOCK_N). a: source tokens (B, L, C) of
+    an image W_img wide, read through its strides; w: (SR*SR*C, C) tap-major.
     """
-    pid = tl.program_id(0)
-    b = pid // num_m_blocks
-    m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < M
-    c = tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < C
+    split = tl.program_id(2)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = r < R
+    b = r // M
+    patches = a_ptr + _patch_origin(b, r - b * M, Wr, W_img, stride_ab, stride_an, SR)
     ck = tl.arange(0, BLOCK_K)
-    patches = a_ptr + _patch_origin(b, m, Wr, W_img, stride_ab, stride_an, SR)
     n_chunks = tl.cdiv(C, BLOCK_K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    for s in range(0, SR * SR * n_chunks):
+    s_start = split * steps_per_split
+    s_end = tl.minimum(s_start + steps_per_split, SR * SR * n_chunks)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for s in range(s_start, s_end):
         tap, tap_offset, c0 = _k_step(s, n_chunks, W_img, stride_an, SR, BLOCK_K)
         ci = c0 + ck
         ci_mask = ci < C
         a = tl.load(patches[:, None] + (tap_offset + strided_offsets(ci, stride_ac))[None, :],
-                    mask=m_mask[:, None] & ci_mask[None, :], other=0.0)
+                    mask=r_mask[:, None] & ci_mask[None, :], other=0.0)
         # the chunk's first weight row in int64 (w has SR*SR*C*C elements), tile-local offsets in int32
-        w = tl.load(w_ptr + (tap * C + c0).to(tl.int64) * C + ck[:, None] * C + c[None, :],
-                    mask=ci_mask[:, None] & c_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + (tap * C + c0).to(tl.int64) * C + ck[:, None] * C + n[None, :],
+                    mask=ci_mask[:, None] & n_mask[None, :], other=0.0)
         acc = _mma(a, w, acc, UPCAST)
+    offs = (split.to(tl.int64) * R + r)[:, None] * C + n[None, :]
+    tl.store(part_ptr + offs, acc, mask=r_mask[:, None] & n_mask[None, :])
 
-    z = acc + tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+
+@triton.jit
+def _sum_norm_kernel(
+    part_ptr, bias_ptr, gamma_ptr, beta_ptr, kv_w_ptr, kv_b_ptr,
+    y_ptr, z_ptr, mean_ptr, rstd_ptr, kv_ptr,
+    R, C, num_splits, eps,
+    GELU: tl.constexpr, KV: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """z = the splits of part (num_splits, R, C) fp32 summed in order + bias; y = LayerNorm(z) (+ GELU).
+
+    BLOCK_R whole rows per program. Writes y and z (R, C) in y's dtype, mean and rstd (R,) fp32 (of the fp32
+    z). With KV also kv (R, 2C) = y kv_w^T + kv_b (kv_w (2C, C), kv_b (2C,) contiguous), from y rounded.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < R
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mask = r_mask[:, None] & c_mask[None, :]
+    offs = r.to(tl.int64)[:, None] * C + c[None, :]
+    z = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    split_stride = tl.cast(R, tl.int64) * C
+    for s in range(num_splits):
+        z += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0)
+    z += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     mean = tl.sum(z, axis=1) / C
     diff = tl.where(c_mask[None, :], z - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
@@ -160,25 +201,21 @@ def _reduce_norm_fwd_kernel(
     out = diff * rstd[:, None] * gamma[None, :] + beta[None, :]
     if GELU:
         out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
-
-    row = b.to(tl.int64) * M + m
-    offs = row[:, None] * C + c[None, :]
-    mask = m_mask[:, None] & c_mask[None, :]
     y = rounded_cast(out, y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs, y, mask=mask)
     tl.store(z_ptr + offs, rounded_cast(z, z_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row, mean, mask=m_mask)
-    tl.store(rstd_ptr + row, rstd, mask=m_mask)
+    tl.store(mean_ptr + r, mean, mask=r_mask)
+    tl.store(rstd_ptr + r, rstd, mask=r_mask)
     if KV:  # kv columns in chunks of BLOCK_C: n < C are k, C <= n < 2C are v
         for n0 in range(0, 2 * C, BLOCK_C):
             n = n0 + c
             n_mask = n < 2 * C
             w_kv = tl.load(kv_w_ptr + n[None, :] * C + c[:, None], mask=c_mask[:, None] & n_mask[None, :],
                            other=0.0)
-            kv = _mma(y, w_kv, tl.zeros((BLOCK_M, BLOCK_C), tl.float32), UPCAST)
+            kv = _mma(y, w_kv, tl.zeros((BLOCK_R, BLOCK_C), tl.float32), UPCAST)
             kv += tl.load(kv_b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(kv_ptr + row[:, None] * (2 * C) + n[None, :], rounded_cast(kv, kv_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & n_mask[None, :])
+            tl.store(kv_ptr + r.to(tl.int64)[:, None] * (2 * C) + n[None, :],
+                     rounded_cast(kv, kv_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,37 +224,30 @@ def _reduce_norm_fwd_kernel(
 
 
 @triton.jit
-def _reduce_norm_bwd_input_kernel(
-    gy_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, w_ptr,
-    dz_ptr, da_ptr, part_ptr,
-    M, Wr, W_img, C, num_m_blocks, num_row_programs, steps_per_split,
+def _norm_bwd_kernel(
+    gy_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    dz_ptr, part_ptr,
+    R, M, C, num_programs,
     stride_gb, stride_gm, stride_gc,
-    stride_db, stride_dn, stride_dc,
-    SR: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    GELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """LayerNorm (+ GELU) backward of BLOCK_M rows, then da = dz @ w^T for this program's split of the K steps.
+    """LayerNorm (+ GELU) backward of BLOCK_R whole rows r = b*M + m: dz (R, C) in dz's dtype, and row [pid]
+    of part (3, num_programs, C) fp32: the block's column sums of gy*xhat, gy (after GELU backward) and dz.
 
-    gy: (B, M, C) through its strides; z (B, M, C), mean/rstd (B, M) from the forward; w (SR*SR*C, C) tap-major.
-    Program (row block, 0) also writes dz (B, M, C) and rows [pid] of part (3, num_row_programs, C) fp32:
-    the block's column sums of gy*xhat, gy (after GELU backward) and dz. da is scattered into the patches
-    through its strides (they never overlap); with ACCUMULATE it is added to what they hold.
+    gy: (B, M, C) through its strides; z (R, C), mean/rstd (R,) from the forward.
     """
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b = pid // num_m_blocks
-    m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < M
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < R
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mask = m_mask[:, None] & c_mask[None, :]
-
-    row = b.to(tl.int64) * M + m
-    offs = row[:, None] * C + c[None, :]
+    mask = r_mask[:, None] & c_mask[None, :]
+    offs = r.to(tl.int64)[:, None] * C + c[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + row, mask=m_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + row, mask=m_mask, other=0.0)
-    g_rows = gy_ptr + b.to(tl.int64) * stride_gb + m.to(tl.int64) * stride_gm
+    mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + r, mask=r_mask, other=0.0)
+    b = r // M
+    g_rows = gy_ptr + b.to(tl.int64) * stride_gb + (r - b * M).to(tl.int64) * stride_gm
     gy = tl.load(g_rows[:, None] + strided_offsets(c, stride_gc)[None, :], mask=mask, other=0.0).to(tl.float32)
     gamma = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
@@ -229,33 +259,48 @@ def _reduce_norm_bwd_input_kernel(
     c1 = tl.sum(dxhat * xhat, axis=1) / C
     c2 = tl.sum(dxhat, axis=1) / C
     dz = tl.where(mask, (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+    tl.store(dz_ptr + offs, rounded_cast(dz, dz_ptr.dtype.element_ty), mask=mask)
+    part = part_ptr + pid.to(tl.int64) * C + c
+    part_stride = tl.cast(num_programs, tl.int64) * C
+    tl.store(part, tl.sum(gy * xhat, axis=0), mask=c_mask)
+    tl.store(part + part_stride, tl.sum(gy, axis=0), mask=c_mask)
+    tl.store(part + 2 * part_stride, tl.sum(dz, axis=0), mask=c_mask)
 
-    if pid_k == 0:
-        tl.store(dz_ptr + offs, rounded_cast(dz, dz_ptr.dtype.element_ty), mask=mask)
-        part = part_ptr + pid.to(tl.int64) * C + c
-        part_stride = tl.cast(num_row_programs, tl.int64) * C
-        tl.store(part, tl.sum(gy * xhat, axis=0), mask=c_mask)
-        tl.store(part + part_stride, tl.sum(gy, axis=0), mask=c_mask)
-        tl.store(part + 2 * part_stride, tl.sum(dz, axis=0), mask=c_mask)
 
-    dz = rounded_cast(dz, w_ptr.dtype.element_ty)
-    ck = tl.arange(0, BLOCK_K)
-    patches = da_ptr + _patch_origin(b, m, Wr, W_img, stride_db, stride_dn, SR)
-    n_chunks = tl.cdiv(C, BLOCK_K)
-    s_start = pid_k * steps_per_split
-    s_end = tl.minimum(s_start + steps_per_split, SR * SR * n_chunks)
-    for s in range(s_start, s_end):
-        tap, tap_offset, c0 = _k_step(s, n_chunks, W_img, stride_dn, SR, BLOCK_K)
-        ci = c0 + ck
-        ci_mask = ci < C
-        w_t = tl.load(w_ptr + (tap * C + c0).to(tl.int64) * C + ck[None, :] * C + c[:, None],
-                      mask=c_mask[:, None] & ci_mask[None, :], other=0.0)
-        da = _mma(dz, w_t, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), UPCAST)
-        ptrs = patches[:, None] + (tap_offset + strided_offsets(ci, stride_dc))[None, :]
-        da_mask = m_mask[:, None] & ci_mask[None, :]
-        if ACCUMULATE:
-            da += tl.load(ptrs, mask=da_mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, rounded_cast(da, da_ptr.dtype.element_ty), mask=da_mask)
+@triton.jit
+def _patch_dgrad_kernel(
+    dz_ptr, w_ptr, da_ptr,
+    R, M, Wr, W_img, C,
+    stride_db, stride_dn, stride_dc,
+    SR: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """da = dz @ w^T for BLOCK_M reduced tokens and one K step (a tap's BLOCK_K input channels), scattered into
+    the patches of da through its strides (patches never overlap); with ACCUMULATE added to what they hold.
+
+    dz: (R = B*M, C) contiguous; w: (SR*SR*C, C) tap-major; the loop runs over the C output channels.
+    """
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = r < R
+    tap, tap_offset, c0 = _k_step(tl.program_id(1), tl.cdiv(C, BLOCK_K), W_img, stride_dn, SR, BLOCK_K)
+    ci = c0 + tl.arange(0, BLOCK_K)
+    ci_mask = ci < C
+    n = tl.arange(0, BLOCK_N)
+    dz_rows = dz_ptr + r.to(tl.int64)[:, None] * C
+    w_rows = w_ptr + (tap * C + c0).to(tl.int64) * C + tl.arange(0, BLOCK_K)[None, :] * C
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        n_mask = n0 + n < C
+        d = tl.load(dz_rows + (n0 + n)[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        w_t = tl.load(w_rows + (n0 + n)[:, None], mask=n_mask[:, None] & ci_mask[None, :], other=0.0)
+        acc = _mma(d, w_t, acc, UPCAST)
+    b = r // M
+    patches = da_ptr + _patch_origin(b, r - b * M, Wr, W_img, stride_db, stride_dn, SR)
+    ptrs = patches[:, None] + (tap_offset + strided_offsets(ci, stride_dc))[None, :]
+    da_mask = r_mask[:, None] & ci_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=da_mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, rounded_cast(acc, da_ptr.dtype.element_ty), mask=da_mask)
 
 
 @triton.jit
@@ -292,6 +337,23 @@ def _conv_weight_grad_kernel(
     k = tap * C + ci
     offs = split.to(tl.int64) * (SR * SR * C) * C + k.to(tl.int64)[:, None] * C + n[None, :]
     tl.store(part_ptr + offs, acc, mask=ci_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _weight_grad_sum_kernel(part_ptr, out_ptr, C, num_splits, SR: tl.constexpr, BLOCK: tl.constexpr):
+    """out (C_out, C_in, SR, SR) in out's dtype = the splits of part (num_splits, SR*SR*C_in, C_out) fp32 summed
+    in order: element (k = tap*C + ci, n) of a split lands at out[n, ci, kh, kw] with tap = kh*SR + kw."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    numel = SR * SR * tl.cast(C, tl.int64) * C
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(num_splits):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    k = offs // C
+    n = offs - k * C
+    tap = k // C
+    ci = k - tap * C
+    tl.store(out_ptr + (n * C + ci) * (SR * SR) + tap, rounded_cast(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -350,17 +412,22 @@ def _channel_block(C: int, elem_size: int) -> int:
     return block
 
 
-def _row_config(C: int, elem_size: int, tile: int) -> dict:
-    """Launch parameters of a row kernel: BLOCK_M rows x the whole channel row (BLOCK_C >= C), <= `tile` elements."""
+def _row_config(C: int, dot: bool) -> dict:
+    """Launch parameters of a whole-row kernel (LayerNorm forward or backward): ~4096 elements a program, or 64
+    rows (a wgmma-sized tile) when it also multiplies the rows by a weight (``dot``: the kv projection)."""
     block_c = max(16, next_power_of_2(C))
-    block_m = max(16, min(64, tile // block_c))
+    block_r = 64 if dot else max(1, min(64, 4096 // block_c))
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_r * block_c >= 8192 else 4)
+
+
+def _dgrad_config(R: int, C: int, sr: int, elem_size: int) -> dict:
+    """Launch parameters of the data-gradient GEMM: (64 or 128 rows) x one K step, C reduced in 64-chunks."""
     block_k = _channel_block(C, elem_size)
-    stage_bytes = (block_m + block_c) * block_k * elem_size
-    return dict(
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c,
-        num_warps=8 if block_m * block_c >= 4096 else 4,
-        num_stages=3 if 3 * stage_bytes <= 96 * 1024 else 2,
-    )
+    tiles = sr * sr * cdiv(C, block_k)
+    block_m = 128 if elem_size == 2 and cdiv(R, 128) * tiles >= _TARGET_PROGRAMS else 64
+    block_n = 64 if elem_size == 2 else 32
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+                num_warps=8 if block_m * block_k >= 8192 else 4, num_stages=3)
 
 
 def _weight_grad_config(C: int, elem_size: int) -> dict:
@@ -373,12 +440,32 @@ def _weight_grad_config(C: int, elem_size: int) -> dict:
     )
 
 
-def _split(total: int, block: int, tiles: int) -> tuple[int, int]:
-    """Split `total` items (in blocks) so that tiles * splits approaches _TARGET_PROGRAMS: (per_split, splits)."""
+def _split(total: int, block: int, tiles: int, target: int = _TARGET_PROGRAMS) -> tuple[int, int]:
+    """Split `total` items (in blocks) so that tiles * splits approaches `target` programs: (per_split, splits)."""
     blocks = cdiv(total, block)
-    splits = max(1, min(blocks, cdiv(_TARGET_PROGRAMS, tiles)))
+    splits = max(1, min(blocks, cdiv(target, tiles)))
     per_split = cdiv(blocks, splits) * block
     return per_split, cdiv(total, per_split)
+
+
+def _patch_gemm_config(R: int, C: int, sr: int, elem_size: int) -> tuple[dict, int, int]:
+    """(launch parameters, K splits, K steps per split) of the patch GEMM over R reduced tokens.
+
+    Tiles of 64 or 128 rows (wgmma needs >= 64 on Hopper) by the whole channel row up to C = 128, else by 64
+    columns (C = 320: 5 column tiles, no padding); the K loop (sr*sr taps x BLOCK_K-channel chunks) is split
+    until the grid offers _GEMM_TARGET_PROGRAMS, each split keeping >= _MIN_STEPS_PER_SPLIT steps.
+    """
+    block_n = max(16, next_power_of_2(C)) if C <= 128 else 64
+    col_tiles = cdiv(C, block_n)
+    block_m = 128 if elem_size == 2 and cdiv(R, 128) * col_tiles >= _GEMM_TARGET_PROGRAMS // 2 else 64
+    block_k = _channel_block(C, elem_size)
+    steps = sr * sr * cdiv(C, block_k)
+    tiles = cdiv(R, block_m) * col_tiles
+    max_splits = max(1, steps // _MIN_STEPS_PER_SPLIT)
+    steps_per_split, splits = _split(steps, 1, tiles, target=min(_GEMM_TARGET_PROGRAMS, tiles * max_splits))
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+               num_warps=8 if block_m * block_n >= 8192 else 4, num_stages=3)
+    return cfg, splits, steps_per_split
 
 
 def reduced_size(H: int, W: int, sr_ratio: int, linear: bool) -> tuple[int, int]:
@@ -388,10 +475,20 @@ def reduced_size(H: int, W: int, sr_ratio: int, linear: bool) -> tuple[int, int]
     return H // sr_ratio, W // sr_ratio
 
 
+def tap_major_layout(sr_weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The conv weight (C_out, C_in, k, k) laid out in memory tap-major, as (kh, kw, C_in, C_out), and cast to
+    ``dtype`` on the way: one copy, none if it already is. The kernels read such a weight in place (forward and
+    backward), and its gradient flows back through the copy to the original layout for free."""
+    taps = sr_weight.permute(2, 3, 1, 0)
+    if dtype is not None and dtype != sr_weight.dtype:
+        taps = taps.to(dtype, memory_format=torch.contiguous_format)
+    return taps.contiguous().permute(3, 2, 0, 1)
+
+
 def _tap_major(sr_weight: torch.Tensor) -> torch.Tensor:
-    """Conv weight (C_out, C_in, k, k) -> (k*k*C_in, C_out): row (kh*k + kw)*C_in + ci."""
-    c_out = sr_weight.shape[0]
-    return sr_weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+    """Conv weight (C_out, C_in, k, k) -> (k*k*C_in, C_out): row (kh*k + kw)*C_in + ci; a view of a
+    :func:`tap_major_layout` weight, else a copy."""
+    return sr_weight.permute(2, 3, 1, 0).reshape(-1, sr_weight.shape[0]).contiguous()
 
 
 def _conv_geometry(x, pooled, W, sr_ratio, linear):
@@ -466,16 +563,22 @@ def reduce_and_project_kv(
             P=LINEAR_POOL_SIZE, BLOCK_W=16, BLOCK_C=block_c, num_warps=4,
         )
     src, src_w, sr = _conv_geometry(x, pooled, W, sr_ratio, linear)
-    # tile 16384: 32 rows at C = 320 ran 14-23% faster than 16 on an H200 (benchmarks/sweep_reduce.py)
-    cfg = _row_config(C, x.element_size(), tile=16384)
-    num_m_blocks = cdiv(M, cfg["BLOCK_M"])
-    _reduce_norm_fwd_kernel[(B * num_m_blocks,)](
-        src, _tap_major(sr_weight), sr_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(),
+    R = B * M
+    cfg, splits, steps_per_split = _patch_gemm_config(R, C, sr, x.element_size())
+    part = _alloc((splits, R, C), dtype=torch.float32, device=dev)
+    _patch_gemm_kernel[(cdiv(R, cfg["BLOCK_M"]), cdiv(C, cfg["BLOCK_N"]), splits)](
+        src, _tap_major(sr_weight), part,
+        R, M, Wr, src_w, C, steps_per_split,
+        *src.stride(),
+        SR=sr, UPCAST=INTERPRETED, **cfg,
+    )
+    cfg = _row_config(C, dot=project)
+    _sum_norm_kernel[(cdiv(R, cfg["BLOCK_R"]),)](
+        part, sr_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(),
         kv_weight.contiguous() if project else y, kv_bias.contiguous() if project else y,
         y, z, mean, rstd, kv,
-        M, Wr, src_w, C, num_m_blocks, eps,
-        *src.stride(),
-        SR=sr, GELU=linear, KV=project, UPCAST=INTERPRETED, **cfg,
+        R, C, splits, eps,
+        GELU=linear, KV=project, UPCAST=INTERPRETED, **cfg,
     )
     return kv, y, z, mean, rstd, pooled
 
@@ -527,36 +630,49 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
     z, mean, rstd = z.contiguous(), mean.contiguous(), rstd.contiguous()
     src, src_w, sr = _conv_geometry(x, pooled.contiguous(), W, sr_ratio, linear)
     w_t = _tap_major(sr_weight)
+    R = B * M
 
-    # LayerNorm (+ GELU) backward, norm/bias partials, and da = dz @ w^T into the patches (dx) or pooled cells.
-    cfg = _row_config(C, x.element_size(), tile=4096)
-    num_m_blocks = cdiv(M, cfg["BLOCK_M"])
-    rows = B * num_m_blocks
-    steps_per_split, k_splits = _split(sr * sr * cdiv(C, cfg["BLOCK_K"]), 1, rows)
+    # LayerNorm (+ GELU) backward once per row: dz and the norm / conv-bias partials, summed in a fixed order.
+    cfg = _row_config(C, dot=False)
+    rows = cdiv(R, cfg["BLOCK_R"])
     dz = _alloc((B, M, C), dtype=x.dtype, device=dev)
-    da = _alloc((B, M, C), dtype=torch.float32, device=dev) if linear else dx
     norm_part = _alloc((3, rows, C), dtype=torch.float32, device=dev)
-    _reduce_norm_bwd_input_kernel[(rows, k_splits)](
-        grad_y, z, mean, rstd, norm_weight.contiguous(), norm_bias.contiguous(), w_t,
-        dz, da, norm_part,
-        M, Wr, src_w, C, num_m_blocks, rows, steps_per_split,
-        *grad_y.stride(), *da.stride(),
-        SR=sr, GELU=linear, UPCAST=INTERPRETED, ACCUMULATE=accumulate and not linear, **cfg,
+    _norm_bwd_kernel[(rows,)](
+        grad_y, z, mean, rstd, norm_weight.contiguous(), norm_bias.contiguous(),
+        dz, norm_part,
+        R, M, C, rows,
+        *grad_y.stride(),
+        GELU=linear, **cfg,
+    )
+    d_norm_weight, d_norm_bias, d_sr_bias = (_alloc(p.shape, dtype=p.dtype, device=dev)
+                                             for p in (norm_weight, norm_bias, sr_bias))
+    sum_partials(norm_part, d_norm_weight, d_norm_bias, d_sr_bias)
+
+    # Data gradient: da = dz @ w^T into the patches (dx) or the pooled cells.
+    da = _alloc((B, M, C), dtype=torch.float32, device=dev) if linear else dx
+    cfg = _dgrad_config(R, C, sr, x.element_size())
+    _patch_dgrad_kernel[(cdiv(R, cfg["BLOCK_M"]), sr * sr * cdiv(C, cfg["BLOCK_K"]))](
+        dz, w_t, da,
+        R, M, Wr, src_w, C,
+        *da.stride(),
+        SR=sr, UPCAST=INTERPRETED, ACCUMULATE=accumulate and not linear, **cfg,
     )
 
-    # Conv weight gradient: patches^T @ dz, split over tokens, partials summed in a fixed order.
+    # Conv weight gradient: patches^T @ dz, split over tokens, partials summed in a fixed order into the
+    # weight's (C_out, C_in, kh, kw) layout and dtype.
     cfg = _weight_grad_config(C, x.element_size())
     grid_k, grid_n = sr * sr * cdiv(C, cfg["BLOCK_K"]), cdiv(C, cfg["BLOCK_N"])
-    t_per_split, t_splits = _split(B * M, cfg["BLOCK_T"], grid_k * grid_n)
+    t_per_split, t_splits = _split(R, cfg["BLOCK_T"], grid_k * grid_n)
     w_part = _alloc((t_splits, sr * sr * C, C), dtype=torch.float32, device=dev)
     _conv_weight_grad_kernel[(grid_k, grid_n, t_splits)](
         src, dz, w_part,
-        B * M, M, Wr, src_w, C, t_per_split,
+        R, M, Wr, src_w, C, t_per_split,
         *src.stride(),
         SR=sr, UPCAST=INTERPRETED, **cfg,
     )
-    d_sr_weight = w_part.sum(0).view(sr, sr, C, C).permute(3, 2, 0, 1).to(sr_weight.dtype).contiguous()
-    d_norm_weight, d_norm_bias, d_sr_bias = (norm_part[i].sum(0) for i in range(3))
+    d_sr_weight = _alloc(sr_weight.shape, dtype=sr_weight.dtype, device=dev)
+    _weight_grad_sum_kernel[(cdiv(w_part[0].numel(), 1024),)](w_part, d_sr_weight, C, t_splits, SR=sr, BLOCK=1024,
+                                                              num_warps=4)
 
     if linear:
         P = LINEAR_POOL_SIZE
@@ -571,8 +687,7 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
         image = dx.view(B, H, W, C)
         image[:, Hr * sr:].zero_()
         image[:, : Hr * sr, Wr * sr:].zero_()
-    return (dx, d_sr_weight, d_sr_bias.to(sr_bias.dtype), d_norm_weight.to(norm_weight.dtype),
-            d_norm_bias.to(norm_bias.dtype))
+    return dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -669,7 +784,7 @@ def _project_and_reduce_setup_context(ctx, inputs, output):
     _, _, z, mean, rstd, pooled = output
     ctx.save_for_backward(x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled)
     ctx.geometry = (H, W, sr_ratio, linear, eps)
-    ctx.has_q_bias = q_bias is not None
+    ctx.q_bias_dtype = None if q_bias is None else q_bias.dtype
     ctx.mark_non_differentiable(z, mean, rstd, pooled)
 
 
@@ -685,7 +800,7 @@ def _project_and_reduce_autograd(ctx, grad_q, grad_y, *_unused_grads):
         sr_ratio, linear, eps)
     C = x.shape[-1]
     grad_q = grad_q.reshape(-1, C)
-    dq_bias = grad_q.sum(0) if ctx.has_q_bias else None
+    dq_bias = None if ctx.q_bias_dtype is None else column_sum(grad_q, ctx.q_bias_dtype)
     return dx, None, None, grad_q.T @ x.reshape(-1, C), dq_bias, dw, db, dnw, dnb, None, None, None
 
 
