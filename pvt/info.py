@@ -49,10 +49,12 @@ def _reduced_tokens(attn, N: int, H: int, W: int) -> int:
     return N
 
 
-def model_info(name: str, img_size: tuple[int, int] = (224, 224), num_classes: int = 1000, **overrides) -> ModelInfo:
+def model_info(name: str, img_size: tuple[int, int] = (224, 224), num_classes: int | None = None,
+               **overrides) -> ModelInfo:
     """Count parameters and forward FLOPs (batch 1) of ``name`` at input size ``img_size`` = (H, W).
 
-    The model is the published one (PVT v1 keeps its 224x224 position embeddings and resizes them).
+    The model is the published one (PVT v1 keeps its 224x224 position embeddings and resizes them);
+    ``num_classes`` defaults to :func:`pvt.create_model`'s (1000; SegFormer 150).
     """
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, backend="reference", **overrides).eval()
@@ -70,10 +72,11 @@ def model_info(name: str, img_size: tuple[int, int] = (224, 224), num_classes: i
             tokens[stage] = args[0]  # (B, N, C); N = H*W, + 1 with PVT v1's cls token
         return hook
 
+    encoder = getattr(model, "backbone", model)  # SegFormer's MiT
     handles = []
     for i in range(1, NUM_STAGES + 1):
-        handles.append(getattr(model, f"patch_embed{i}").register_forward_hook(record_grid(i)))
-        handles.append(getattr(model, f"block{i}")[0].attn.register_forward_pre_hook(record_tokens(i)))
+        handles.append(getattr(encoder, f"patch_embed{i}").register_forward_hook(record_grid(i)))
+        handles.append(getattr(encoder, f"block{i}")[0].attn.register_forward_pre_hook(record_tokens(i)))
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
@@ -81,7 +84,7 @@ def model_info(name: str, img_size: tuple[int, int] = (224, 224), num_classes: i
         handle.remove()
     stages = []
     for i in range(1, NUM_STAGES + 1):
-        attn, (H, W) = getattr(model, f"block{i}")[0].attn, grids[i]
+        attn, (H, W) = getattr(encoder, f"block{i}")[0].attn, grids[i]
         _, N, C = tokens[i].shape
         stages.append(StageShape(i, H, W, N, _reduced_tokens(attn, N, H, W), C, attn.num_heads,
                                  attn.sr_ratio, attn.linear))

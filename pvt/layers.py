@@ -15,7 +15,9 @@ from sra_kernels import SpatialReductionAttention
 
 BLOCK_NORM_EPS = 1e-6
 """eps of the block and stage LayerNorms (``partial(nn.LayerNorm, eps=1e-6)`` in the official code).
-The patch-embedding LayerNorm and the attention's ``norm`` stay at PyTorch's default 1e-5."""
+The patch-embedding LayerNorm and the attention's ``norm`` stay at PyTorch's default 1e-5 (:data:`NORM_EPS`)."""
+NORM_EPS = 1e-5
+"""eps of the official patch-embedding and spatial-reduction LayerNorms (``nn.LayerNorm``'s default)."""
 
 
 def init_weights(module: nn.Module, *, conv_fan_out: bool) -> None:
@@ -75,6 +77,8 @@ class _ConvEmbed(nn.Module):
         """(B, C_in, H_in, W_in) -> tokens (B, H*W, C) and (H, W)."""
         x = self.proj(x)
         size = (x.shape[2], x.shape[3])
+        if torch.jit.is_tracing():  # it records sizes as tensors; the attention takes ints: a fixed grid
+            size = (int(size[0]), int(size[1]))
         return self.norm(x.flatten(2).transpose(1, 2)), size
 
 
@@ -101,11 +105,11 @@ class OverlapPatchEmbed(_ConvEmbed):
     for odd patch sizes, so any input size works.
     """
 
-    def __init__(self, patch_size: int, stride: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, stride: int, in_chans: int, embed_dim: int, norm_eps: float = NORM_EPS):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride,
                               padding=patch_size // 2)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
 
 
 class DWConv(nn.Module):
@@ -152,19 +156,20 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
     forward(x (B, N, C), H, W) -> (B, N, C); N = H * W (see the cls-token note in PVT v1).
+    ``norm_eps``: norm1 and norm2; ``sr_norm_eps``: the attention's reduction LayerNorm.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = True,
                  qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, sr_ratio: int = 1, linear: bool = False, dwconv: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", norm_eps: float = BLOCK_NORM_EPS, sr_norm_eps: float = NORM_EPS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = SpatialReductionAttention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-            proj_drop=drop, sr_ratio=sr_ratio, linear=linear, backend=backend)
+            proj_drop=drop, sr_ratio=sr_ratio, linear=linear, norm_eps=sr_norm_eps, backend=backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dwconv=dwconv, linear=linear)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:

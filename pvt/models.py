@@ -19,7 +19,7 @@ from torch import nn
 from sra_kernels import SpatialReductionAttention
 
 from .layers import (
-    BLOCK_NORM_EPS, Block, OverlapPatchEmbed, PatchEmbed, init_weights, resize_pos_embed, tokens_to_map,
+    BLOCK_NORM_EPS, NORM_EPS, Block, OverlapPatchEmbed, PatchEmbed, init_weights, resize_pos_embed, tokens_to_map,
 )
 
 NUM_STAGES = 4
@@ -137,25 +137,29 @@ class PyramidVisionTransformerV2(_PyramidBase):
     """PVT v2: overlapping patch embeddings (7x7/4, then 3x3/2), no position embeddings, DWConv in
     every Mlp, a LayerNorm after each stage; ``linear=True`` gives the linear SRA (b2_li).
     The classifier reads the mean of the final stage's tokens. ``img_size`` is accepted and unused,
-    as in the official code: any input size works."""
+    as in the official code: any input size works. The LayerNorm eps default to the official ones:
+    ``norm_eps`` (block and stage norms) 1e-6, ``patch_norm_eps`` and ``sr_norm_eps`` (the attention's) 1e-5;
+    other sources use others (see :func:`pvt.checkpoints.hf_norm_eps`)."""
 
     def __init__(self, img_size=None, in_chans: int = 3, num_classes: int = 1000, embed_dims=(64, 128, 256, 512),
                  num_heads=(1, 2, 4, 8), mlp_ratios=(4, 4, 4, 4), qkv_bias: bool = False,
                  qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, depths=(3, 4, 6, 3), sr_ratios=(8, 4, 2, 1), linear: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", norm_eps: float = BLOCK_NORM_EPS, patch_norm_eps: float = NORM_EPS,
+                 sr_norm_eps: float = NORM_EPS):
         super().__init__()
         del img_size
         self.num_classes = num_classes
         self.backend = backend
         for i in range(NUM_STAGES):
             setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(
-                7 if i == 0 else 3, 4 if i == 0 else 2, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i]))
-            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=BLOCK_NORM_EPS))
+                7 if i == 0 else 3, 4 if i == 0 else 2, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i],
+                norm_eps=patch_norm_eps))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=norm_eps))
         self._make_blocks(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths,
                           sr_ratios=sr_ratios, drop_path_rate=drop_path_rate, qkv_bias=qkv_bias,
                           qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate, linear=linear,
-                          dwconv=True, backend=backend)
+                          dwconv=True, backend=backend, norm_eps=norm_eps, sr_norm_eps=sr_norm_eps)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(partial(init_weights, conv_fan_out=True))
 

@@ -1,4 +1,4 @@
-"""Model names -> the official configurations, and :func:`create_model`."""
+"""Model names -> the official configurations (PVT v1 / v2, MiT, SegFormer), and :func:`create_model`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sra_kernels.shapes import MODEL_STAGES
 
 from .checkpoints import load_checkpoint
 from .models import MixVisionTransformer, PyramidVisionTransformer, PyramidVisionTransformerV2
+from .segformer import SegFormer
 
 _RATIOS_8844 = dict(mlp_ratios=(8, 8, 4, 4))
 _RATIOS_4444 = dict(mlp_ratios=(4, 4, 4, 4))
@@ -49,6 +50,13 @@ def _attention_config(name: str) -> dict:
 MODEL_CONFIGS: dict[str, tuple[type[nn.Module], dict]] = {
     name: (cls, {**_attention_config(name), **config}) for name, (cls, config) in _FAMILIES.items()}
 """Model name -> (class, constructor arguments): the official configurations."""
+# SegFormer B0-B5 (NVlabs/SegFormer local_configs): the MiT encoder and a decoder 256 (B0, B1) or 768 wide
+MODEL_CONFIGS.update({
+    f"segformer_b{i}": (SegFormer, {**MODEL_CONFIGS[f"mit_b{i}"][1], "decoder_dim": 256 if i < 2 else 768})
+    for i in range(6)})
+
+DEFAULT_NUM_CLASSES = {SegFormer: 150}
+"""Classes of a model built with ``num_classes=None``, by class: SegFormer's ADE20K; 1000 (ImageNet) otherwise."""
 
 
 def list_models() -> list[str]:
@@ -56,14 +64,15 @@ def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
 
-def create_model(name: str, num_classes: int = 1000, pretrained: str | os.PathLike | None = None,
+def create_model(name: str, num_classes: int | None = None, pretrained: str | os.PathLike | None = None,
                  backend: str = "auto", **overrides) -> nn.Module:
     """Build a model with its official configuration.
 
     Args:
         name: one of :func:`list_models`.
-        num_classes: classifier outputs (0: no head; ignored by the MiT feature backbones).
-        pretrained: path of a local checkpoint (official or timm naming; see :func:`pvt.load_state_dict`).
+        num_classes: classifier outputs (0: no classifier; ignored by the MiT feature backbones); default 1000
+            (ImageNet), 150 (ADE20K) for SegFormer.
+        pretrained: path of a local checkpoint (official, timm or HF naming; see :func:`pvt.load_state_dict`).
         backend: attention backend of every block (auto | reference | sdpa | triton).
         overrides: any other constructor argument, e.g. ``img_size`` (PVT v1), ``drop_path_rate``,
             ``depths`` for a reduced model.
@@ -71,6 +80,8 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | os.PathLi
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     cls, config = MODEL_CONFIGS[name]
+    if num_classes is None:
+        num_classes = DEFAULT_NUM_CLASSES.get(cls, 1000)
     model = cls(**{**config, **overrides}, num_classes=num_classes, backend=backend)
     if pretrained is not None:
         load_checkpoint(model, pretrained)

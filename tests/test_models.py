@@ -43,6 +43,10 @@ def _count(model):
 def _analytic_params(name, num_classes=1000):
     """Parameter count from the configuration alone (the official layer shapes, qkv_bias=True)."""
     cls, cfg = MODEL_CONFIGS[name]
+    if cls is pvt.SegFormer:  # MiT + 4 Linears C_i -> D, the 4D -> D fuse conv (no bias) + BN, 150-class classifier
+        D = cfg["decoder_dim"]
+        return (_analytic_params(name.replace("segformer", "mit")) + sum(C * D + D for C in cfg["embed_dims"])
+                + 4 * D * D + 2 * D + D * 150 + 150)
     v1 = cls is PyramidVisionTransformer
     total, prev = 0, 3
     for i, C in enumerate(cfg["embed_dims"]):
@@ -82,8 +86,9 @@ def test_parameter_count_matches_configuration(name):
 
 def test_list_models_and_unknown_name():
     names = pvt.list_models()
-    assert names == sorted(names) and len(names) == 17
-    assert {"pvt_tiny", "pvt_large", "pvt_v2_b0", "pvt_v2_b5", "pvt_v2_b2_li", "mit_b0", "mit_b5"} <= set(names)
+    assert names == sorted(names) and len(names) == 23
+    assert {"pvt_tiny", "pvt_large", "pvt_v2_b0", "pvt_v2_b5", "pvt_v2_b2_li", "mit_b0", "mit_b5", "segformer_b0",
+            "segformer_b5"} <= set(names)
     with pytest.raises(ValueError, match="unknown model 'pvt_v3'.*pvt_v2_b0"):
         pvt.create_model("pvt_v3")
 
