@@ -9,10 +9,13 @@
 #   env      nvidia-smi, `python -m sra_kernels`, auto's plan of pvt_v2_b2 at 224 B64 and 512 B16 (explain.txt)
 #   tests    the native test suite on 8 xdist workers when pytest-xdist is there                        150
 #   ops      SRA op rows, bf16, pvt_v2_b2 stages at 224x224 B64 and 512x512 B16, fwd and fwd+bwd; providers
-#            auto, sra_kernels, sra_kernels_projected, sdpa, and compiled at 512                           170
+#            auto, sra_kernels, sra_kernels_projected, sdpa, and compiled at 512                           150
 #   models   pvt_v2_b2 at 224 B64 and 512 B16, bf16 autocast, infer and train, auto / sra_kernels / sdpa,
 #            eager                                                                                        80
-#   graphs   the same at 224 B64 under CUDA graphs (torch.compile reduce-overhead), auto and sdpa      120
+#   split    a training step's time by module (attention, Mix-FFN, norms, ...; benchmarks/profile_model.py),
+#            pvt_v2_b2 then mit_b2 at 512 B16, auto and sdpa (split_MODEL.txt and .json); its 40 s came
+#            from ops (170 before) and graphs (120 before)                                                40
+#   graphs   the models rows at 224 B64 under CUDA graphs (torch.compile reduce-overhead), auto, sdpa   100
 #   profile  per-kernel profiler tables of every stage at 512 B16, triton and sdpa (profile_512.txt)      45
 # Every phase NAME writes NAME.log; the benchmark phases also NAME.jsonl (rows as measured) and NAME.json.
 #   report   report.md / speedups.png from every .jsonl                                                 15
@@ -55,13 +58,17 @@ bench() {  # the pytest benchmarks/ command of phase NAME: its rows land in NAME
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 phase tests 150 python3 -m pytest tests -q -rfE -p no:cacheprovider $workers
 
-phase ops 170 $(bench ops) -k "test_sra_op and bf16 and (224x224 or 512x512) and not reference and not cls \
+phase ops 150 $(bench ops) -k "test_sra_op and bf16 and (224x224 or 512x512) and not reference and not cls \
     and not (compiled and 224x224)"
 
 phase models 80 $(bench models) -k "test_model and pvt_v2_b2 and bf16-autocast \
     and (auto-eager or sra_kernels-eager or sdpa-eager)"
 
-phase graphs 120 $(bench graphs) -k "test_model and pvt_v2_b2 and 224x224 and bf16-autocast \
+phase split 40 bash -c 'for model in pvt_v2_b2 mit_b2; do
+    python3 -m benchmarks.profile_model "$0/split_$model.txt" --model $model --img-size 512 --batch 16 \
+        --backend auto sdpa --steps 3 --json "$0/split_$model.json" || rc=1; done; exit ${rc:-0}' "$out"
+
+phase graphs 100 $(bench graphs) -k "test_model and pvt_v2_b2 and 224x224 and bf16-autocast \
     and (auto-graphs or sdpa-graphs)"
 
 phase profile 45 python3 -m benchmarks.profile_stages "$out/profile_512.txt" --image 512 --batch 16
