@@ -1,7 +1,9 @@
-"""Whole-model benchmarks: pvt_v2_b0, pvt_v2_b2 and pvt_small, every attention backend side by side.
+"""Whole-model benchmarks: pvt_v2_b0, pvt_v2_b2, SegFormer's mit_b2 and pvt_small, every attention backend side
+by side.
 
 ``infer``: a forward pass under no_grad (images/s = batch / median). ``train``: forward, cross-entropy
-on random labels, backward and an AdamW step (step time and images/s). Precisions: ``bf16-autocast``
+on random labels (mit_b2, a feature backbone: the sum of its stage maps' means), backward and an AdamW step
+(step time and images/s). Precisions: ``bf16-autocast``
 (fp32 weights, ``torch.autocast`` bf16) and ``fp32``. Peak memory is the CUDA peak above the inputs.
 Providers (attention options of every block, :meth:`configure_attention`): ``sra_kernels`` (backend
 triton, unfused projections), ``sra_kernels_projected`` (backend triton, ``fuse_projections=True``: the
@@ -12,8 +14,10 @@ Executions: ``eager``, ``compiled`` (``torch.compile`` of the model) and ``graph
 ``torch.compile(mode="reduce-overhead")``); each row records wall time (median), GPU kernel time
 (``gpu_ms``) and peak memory.
 
-GPU: 224x224 images at batch 64 and 512x512 at batch 16. CPU: one smoke configuration only (pvt_v2_b0,
-64x64, batch 1, fp32, eager, reference and sdpa); every other row is GPU-only and skipped with its reason.
+GPU: 224x224 images at batch 64, 512x512 at batch 16 and, for the segmentation backbones pvt_v2_b2 and mit_b2,
+1024x1024 at batch 2; a row that runs out of GPU memory (``reference`` materialises the scores) is skipped as
+such. CPU: one smoke configuration only (pvt_v2_b0, 64x64, batch 1, fp32, eager, reference and sdpa, infer and
+train); every other row is GPU-only and skipped with its reason.
 """
 
 from __future__ import annotations
@@ -39,14 +43,17 @@ from sra_kernels.shapes import model_stages
 
 pvt = pytest.importorskip("pvt", reason="the pvt models package is not importable (yet)")
 
-MODELS = ("pvt_v2_b0", "pvt_v2_b2", "pvt_small")
+MODELS = ("pvt_v2_b0", "pvt_v2_b2", "mit_b2", "pvt_small")
 PRECISIONS = ("bf16-autocast", "fp32")
 MODES = ("infer", "train")
 EXECUTIONS = {"eager": None, "compiled": "default", "graphs": "reduce-overhead"}
 """How the model runs: eagerly, under ``torch.compile`` (mode default), or CUDA-graph replayed
 (``torch.compile(mode="reduce-overhead")``: inductor's CUDA graphs; the optimizer step stays eager)."""
-GPU_SIZES = {"224x224": (224, 64), "512x512": (512, 16)}
-"""name -> (image side, batch) on CUDA: classification size and a segmentation-sized input."""
+GPU_SIZES = {"224x224": (224, 64), "512x512": (512, 16), "1024x1024": (1024, 2)}
+"""name -> (image side, batch) on CUDA: classification size and segmentation crops (``python -m pvt bench``'s
+presets classification, segmentation and segmentation-1024)."""
+LARGE_IMAGE_MODELS = ("pvt_v2_b2", "mit_b2")
+"""The models with 1024x1024 rows."""
 CPU_SMOKE = ("pvt_v2_b0", "fp32")
 CPU_IMAGE, CPU_BATCH = 64, 1
 NUM_CLASSES = 1000
@@ -61,6 +68,8 @@ def _fuses_a_stage(model: str, precision: str, mode: str) -> bool:
 
 
 def _skip_reason(model: str, size: str, precision: str, mode: str, provider: str, execution: str) -> str | None:
+    if size == "1024x1024" and model not in LARGE_IMAGE_MODELS:
+        return f"1024x1024 rows: the segmentation backbones {' and '.join(LARGE_IMAGE_MODELS)} only"
     if provider == "sra_kernels_projected" and not _fuses_a_stage(model, precision, mode):
         return "sra_kernels_projected: no stage takes the fused-projection path here (it runs C <= 128 in fp16 / bf16)"
     if CUDA:
@@ -81,6 +90,13 @@ def _skip_reason(model: str, size: str, precision: str, mode: str, provider: str
 
 def _autocast(precision: str):
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+
+
+def _training_loss(out, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits; of a feature backbone's stage maps (MiT) the sum of their means."""
+    if isinstance(out, (list, tuple)):
+        return sum(o.float().mean() for o in out)
+    return F.cross_entropy(out, labels)
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
@@ -117,17 +133,20 @@ def test_model(model, size, precision, mode, provider, execution, results, recor
         def step():
             i = next_index()
             with _autocast(precision):
-                loss = F.cross_entropy(run(images[i]), labels[i])
+                loss = _training_loss(run(images[i]), labels[i])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(1 if run is net else 3):  # warm-up: kernels compiled, optimizer state, CUDA graphs recorded
-        step()
-    synchronize()
-    peak = peak_memory_mb(step)
-    gpu_ms = kernel_ms(step)
-    samples = measure(step)
+    try:
+        for _ in range(1 if run is net else 3):  # warm-up: kernels compiled, optimizer state, CUDA graphs recorded
+            step()
+        synchronize()
+        peak = peak_memory_mb(step)
+        gpu_ms = kernel_ms(step)
+        samples = measure(step)
+    except torch.cuda.OutOfMemoryError:
+        results.skip("out of GPU memory (the reference backend materialises every N x M score matrix)")
     row = record(f"{model} {image}x{image} B{batch} {precision} {mode} {execution}", provider, samples,
                  kind="model", model=model, image=f"{image}x{image}", batch=batch, precision=precision, mode=mode,
                  execution=execution, peak_mem_mb=peak, gpu_ms=gpu_ms)

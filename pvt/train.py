@@ -22,6 +22,7 @@ from sra_kernels.files import atomic_open
 from .checkpoints import load_state_dict, read_checkpoint
 from .progress import ProgressBar
 from .registry import create_model
+from .segformer import SegFormer
 
 NUM_DIGIT_CLASSES = 10
 
@@ -41,6 +42,9 @@ class TrainConfig:
     save: str | None = None
     resume: str | None = None
     progress: bool = True
+    compile: str = "none"  # torch.compile mode of the training forward: none (eager), default, reduce-overhead
+    compile_backend: str = "inductor"
+    bf16: bool = False  # bf16 autocast of forward and loss; weights, gradients and optimizer stay fp32
 
 
 def digits_datasets(img_size: tuple[int, int], val_fraction: float = 0.2, seed: int = 0):
@@ -110,9 +114,10 @@ def prepare_save_folder(path: str | os.PathLike) -> None:
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Train ``cfg.model`` on digits; returns one dict per epoch run (train_loss, train_acc, val_loss,
-    val_acc; empty dicts on ranks other than 0). Saves {model, optimizer, epoch, model_name} to
-    ``cfg.save`` after every epoch (atomically: a kill leaves the previous epoch's file) and continues
-    from ``cfg.resume``'s next epoch."""
+    val_acc, step_losses: rank 0's loss of every step; empty dicts on ranks other than 0). ``cfg.compile``
+    compiles the training forward (DDP-wrapped under torchrun); evaluation runs the model eagerly. Saves
+    {model, optimizer, epoch, model_name} to ``cfg.save`` after every epoch (atomically: a kill leaves the
+    previous epoch's file) and continues from ``cfg.resume``'s next epoch."""
     if cfg.save:
         prepare_save_folder(cfg.save)
     distributed, rank, device = _setup_distributed()
@@ -126,8 +131,9 @@ def train(cfg: TrainConfig) -> list[dict]:
 def _train(cfg: TrainConfig, distributed: bool, rank: int, device: torch.device) -> list[dict]:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=NUM_DIGIT_CLASSES, backend=cfg.backend, img_size=cfg.img_size)
-    if model.num_classes == 0:
-        raise ValueError(f"{cfg.model} is a feature backbone without a classifier; train a pvt_* model")
+    if model.num_classes == 0 or isinstance(model, SegFormer):
+        raise ValueError(f"{cfg.model} is a feature backbone or a segmentation model, not a classifier; "
+                         "train a pvt_* model")
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch = 0
@@ -147,6 +153,9 @@ def _train(cfg: TrainConfig, distributed: bool, rank: int, device: torch.device)
         # view: harmless, but DDP warns at every step.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile != "none":  # DDP's optimizer splits the compiled graph at its buckets: no fullgraph
+        net = torch.compile(net, mode=cfg.compile if cfg.compile_backend == "inductor" else None,
+                            backend=cfg.compile_backend)
 
     train_set, val_set = digits_datasets(cfg.img_size, cfg.val_fraction, cfg.seed)
     if cfg.subset is not None:
@@ -166,22 +175,28 @@ def _train(cfg: TrainConfig, distributed: bool, rank: int, device: torch.device)
             sampler.set_epoch(epoch)
         net.train()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        losses = []
         with ProgressBar(len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and rank == 0) as bar:
             for images, labels in loader:
                 images, labels = images.to(device), labels.to(device)
-                logits = net(images)
-                loss = F.cross_entropy(logits, labels)
+                if cfg.compile == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits = net(images)
+                    loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 totals += torch.stack([loss.detach().double() * len(labels),
                                        (logits.argmax(1) == labels).sum().double(),
                                        torch.tensor(len(labels), dtype=torch.float64, device=device)])
-                bar.update(loss=loss.item())
+                losses.append(loss.item())
+                bar.update(loss=losses[-1])
         if distributed:
             dist.all_reduce(totals)
         if rank == 0:
-            history.append(_finish_epoch(cfg, model, optimizer, epoch, totals, val_set, device))
+            history.append({**_finish_epoch(cfg, model, optimizer, epoch, totals, val_set, device),
+                            "step_losses": losses})
         else:
             history.append({})
         if distributed:

@@ -22,7 +22,6 @@ being traced by torch.compile) decides nothing.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -81,20 +80,25 @@ def nearest_row(problem: Problem, capability: tuple[int, int] | None, rows: tupl
     ``capability``, or None (see the module docstring)."""
     if capability is None:
         return None
-    reach = math.log(MAX_RATIO)
     wanted = (capability, dtype_class(problem.dtype), *_geometry(problem))
     best, best_distance = None, None
     for row in rows:
         measured = row.problem
         if (row.capability, dtype_class(measured.dtype), *_geometry(measured)) != wanted:
             continue
-        queries = abs(math.log(problem.batch * problem.tokens / (measured.batch * measured.tokens)))
-        keys = abs(math.log(problem.reduced_tokens / measured.reduced_tokens))
-        if queries > reach or keys > reach:
+        queries = _factor(problem.batch * problem.tokens, measured.batch * measured.tokens)
+        keys = _factor(problem.reduced_tokens, measured.reduced_tokens)
+        if queries > MAX_RATIO or keys > MAX_RATIO:
             continue
-        if best_distance is None or queries + keys < best_distance:
-            best, best_distance = row, queries + keys
+        if best_distance is None or queries * keys < best_distance:  # the least log distance
+            best, best_distance = row, queries * keys
     return best
+
+
+def _factor(a, b):
+    """max(a, b) / min(a, b). Under torch.compile with dynamic shapes its comparisons guard the sizes by range,
+    where a logarithm would fix them to the traced values (a recompile per size)."""
+    return a / b if a >= b else b / a
 
 
 def _geometry(problem) -> tuple:
@@ -139,6 +143,8 @@ def no_data_reason(problem: Problem, capability: tuple[int, int] | None) -> str:
     if capability is None or not any(row.capability == capability for row in ROWS):
         where = "this device" if capability is None else f"sm_{capability[0]}{capability[1]}"
         return f"no measurements on {where}; sdpa until one says otherwise (autotune=True measures here)"
+    if torch.compiler.is_compiling():  # under dynamic shapes sizes and floats are symbols: formatting them breaks
+        return "no measurement within reach of this shape (traced); sdpa until one says otherwise"
     return (f"no measurement within {MAX_RATIO:g}x of this shape (C{problem.channels} h{problem.heads} "
             f"sr{problem.sr_ratio}{' linear' if problem.linear else ''}, B*N {problem.batch * problem.tokens}, "
             f"M {problem.reduced_tokens}, {dtype_class(problem.dtype)}, {'fwd+bwd' if problem.backward else 'fwd'}); "

@@ -1,6 +1,8 @@
-"""``python -m pvt``: info, bench, train (save / resume, a kill while saving), a 2-process DistributedDataParallel
-run, and the usage errors of bad arguments."""
+"""``python -m pvt``: info, bench (backends and compile modes side by side, presets, the plot), train (save /
+resume, a kill while saving, loss curves across backends, compiled and in bf16), a 2-process
+DistributedDataParallel run, and the usage errors of bad arguments."""
 
+import functools
 import os
 import re
 import signal
@@ -57,15 +59,56 @@ def test_bench_prints_each_backend(capsys):
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert "pvt_v2_b0 32x32 batch 2 fp32 forward+backward" in lines[0]
-    assert re.match(r"\s+reference\s+[\d.]+\s+[\d.]+\s+(n/a|\d+)\s+1.00x", lines[2]), captured.out
-    assert re.match(r"\s+sdpa\s+[\d.]+\s+[\d.]+", lines[3]), captured.out
+    assert re.match(r"\s+reference\s+none\s+[\d.]+\s+[\d.]+\s+(n/a|[\d.]+)\s+(n/a|\d+)\s+n/a\s+1.00x", lines[2]), \
+        captured.out
+    assert re.match(r"\s+sdpa\s+none\s+[\d.]+\s+[\d.]+", lines[3]), captured.out
     assert "[" in captured.err and "1/1" in captured.err  # the progress bar
+
+
+def test_bench_compile_modes_side_by_side_and_plot(tmp_path, capsys):
+    """--compile none default: each backend eager and compiled (aot_eager: traced, no code generated, quick on a
+    CPU), with the compile time; --plot writes the bar chart."""
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "bench.png"
+    main(["bench", "pvt_v2_b0", "--batch", "1", "--img-size", "32", "32", "--steps", "1", "--warmup", "0",
+          "--backends", "reference", "sdpa", "--compile", "none", "default", "--compile-backend", "aot_eager",
+          "--plot", str(plot), "--no-progress"])
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines()[2:6]]
+    assert [row[:2] for row in rows] == [["reference", "none"], ["sdpa", "none"], ["reference", "default"],
+                                        ["sdpa", "default"]], captured.out
+    assert [row[6] != "n/a" for row in rows] == [False, False, True, True]  # compile s: compiled rows only
+    assert plot.read_bytes().startswith(b"\x89PNG") and not captured.err  # no progress bar
+
+
+def test_bench_reduce_overhead_is_a_cuda_row(capsys):
+    main(["bench", "pvt_v2_b0", "--batch", "1", "--img-size", "32", "32", "--backends", "sdpa", "--device", "cpu",
+          "--compile", "reduce-overhead"])
+    assert re.search(r"sdpa\s+reduce-overhead\s+CUDA only", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("extra, size, batch", [
+    (["--preset", "classification"], (224, 224), 64),
+    (["--preset", "segmentation"], (512, 512), 16),
+    (["--preset", "segmentation-1024"], (1024, 1024), 2),
+    (["--preset", "detection"], (800, 1333), 2),
+    (["--preset", "segmentation", "--batch", "3", "--img-size", "256", "320"], (256, 320), 3),
+    (["--batch", "5"], (224, 224), 5),
+])
+def test_bench_presets(extra, size, batch, monkeypatch):
+    """--preset sets image size and batch; --img-size and --batch override it."""
+    from pvt import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_model", lambda name, b, img_size, *args: calls.append((b, img_size)) or [])
+    main(["bench", "pvt_v2_b0", *extra])
+    assert calls == [(batch, size)]
 
 
 def test_bench_times_the_auto_policy(capsys):
     main(["bench", "pvt_v2_b0", "--batch", "1", "--img-size", "32", "32", "--steps", "1", "--warmup", "0",
           "--backends", "auto", "--device", "cpu"])
-    assert re.search(r"\s+auto\s+[\d.]+\s+[\d.]+", capsys.readouterr().out)
+    assert re.search(r"\s+auto\s+none\s+[\d.]+\s+[\d.]+", capsys.readouterr().out)
 
 
 def test_bench_marks_unavailable_backend(capsys):
@@ -73,7 +116,7 @@ def test_bench_marks_unavailable_backend(capsys):
         pytest.skip("triton runs here")
     main(["bench", "pvt_v2_b0", "--batch", "1", "--img-size", "32", "32", "--steps", "1", "--warmup", "0",
           "--backends", "triton", "--device", "cpu"])
-    assert re.search(r"triton\s+unavailable here", capsys.readouterr().out)
+    assert re.search(r"triton\s+none\s+unavailable here", capsys.readouterr().out)
 
 
 def test_train_save_and_resume(tmp_path, capsys):
@@ -202,6 +245,10 @@ def test_kill_during_save_keeps_the_last_checkpoint_and_resume_continues(tmp_pat
     ("train pvt_v2_b0 --epochs two", "argument --epochs: not an integer: 'two'"),
     ("train pvt_v2_b0 --subset -5", "argument --subset: must be >= 1, got -5"),
     ("bench pvt_v2_b0 --batch 1 --device bogus", "argument --device: not a torch device: 'bogus'"),
+    ("bench pvt_v2_b0", "--batch or --preset is required"),
+    ("bench pvt_v2_b0 --preset video", "argument --preset: invalid choice: 'video'"),
+    ("bench pvt_v2_b0 --batch 1 --compile reduce-overhead --compile-backend aot_eager",
+     "--compile reduce-overhead needs --compile-backend inductor, got aot_eager"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     """argparse's exit status 2 and a message on stderr, before any work: no traceback, no silent exit 0."""
@@ -235,3 +282,48 @@ def test_save_folder_is_checked_before_training(tmp_path, capsys):
 
     prepare_save_folder(tmp_path / "runs" / "digits" / "model.pt")
     assert (tmp_path / "runs" / "digits").is_dir()
+
+
+def test_compile_and_plot_usage_errors_need_their_dependencies(capsys, monkeypatch):
+    """reduce-overhead training needs a GPU; --plot needs matplotlib: usage errors before any work."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    for argv, message in ((["train", "pvt_v2_b0", "--compile", "reduce-overhead"],
+                           "--compile reduce-overhead replays CUDA graphs: it needs a GPU"),
+                          (["bench", "pvt_v2_b0", "--batch", "1", "--plot", "b.png"],
+                           "--plot needs matplotlib (pip install matplotlib)")):
+        with pytest.raises(SystemExit, match="2"):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_train_options_reach_the_config(monkeypatch):
+    from pvt import train as train_module
+
+    configs = []
+    monkeypatch.setattr(train_module, "train", configs.append)
+    main(["train", "pvt_v2_b0", "--compile", "default", "--compile-backend", "aot_eager", "--bf16", "--no-progress"])
+    assert [(c.compile, c.compile_backend, c.bf16) for c in configs] == [("default", "aot_eager", True)]
+
+
+def test_train_loss_curves_agree_across_backends_compile_and_bf16(monkeypatch):
+    """Same seed, two steps of a one-block, narrow pvt_v2_b0: the per-step losses on reference, sdpa and triton
+    agree closely; bf16 autocast within bf16's precision. The triton run is compiled (--compile default; aot_eager
+    off CUDA: AOTAutograd traces the custom ops' backward, the interpreter runs the kernels), so it checks the
+    kernels and a compiled training step at once (eager triton training: tests/test_sra_triton.py)."""
+    from pvt import train as train_module
+
+    narrow = functools.partial(pvt.create_model, depths=(1, 1, 1, 1), embed_dims=(16, 32, 80, 128))
+    monkeypatch.setattr(train_module, "create_model", narrow)
+    quick = dict(epochs=1, batch_size=2, subset=4, val_fraction=0.001, progress=False,
+                 compile_backend="inductor" if torch.cuda.is_available() else "aot_eager")
+    kernels = "triton" if "triton" in available_backends() else "sdpa"
+
+    def losses(**run):
+        return train_module.train(train_module.TrainConfig("pvt_v2_b0", **quick, **run))[0]["step_losses"]
+
+    reference = losses(backend="reference")
+    assert len(reference) == 2
+    for run in (dict(backend="sdpa"), dict(backend=kernels, compile="default"), dict(backend="sdpa", bf16=True)):
+        tolerance = 3e-2 if run.get("bf16") else 1e-3 if torch.cuda.is_available() else 1e-4
+        assert losses(**run) == pytest.approx(reference, rel=tolerance), run
