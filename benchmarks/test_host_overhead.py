@@ -28,17 +28,24 @@ ROUNDS, WARMUP = 200, 20
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` does nothing."""
+    """Stands in for Triton kernel ``name``: ``kernel[grid](*args, **kwargs)`` does nothing but append the name
+    to ``launched`` (when given)."""
+
+    def __init__(self, name: str, launched: list | None):
+        self.name, self.launched = name, launched
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        if self.launched is None:
+            return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: self.launched.append(self.name)
 
 
 @contextlib.contextmanager
-def stubbed_kernels():
-    """Every Triton kernel of the op modules a no-op, and CPU tensors accepted by the triton backend."""
+def stubbed_kernels(launched: list | None = None):
+    """Every Triton kernel of the op modules a no-op (recording its name in ``launched`` when given), and CPU
+    tensors accepted by the triton backend."""
     modules = (attention, column_sum, projected_attention, spatial_reduce)
-    patches = {(module, name): _NoLaunch() for module in modules for name, value in vars(module).items()
+    patches = {(module, name): _NoLaunch(name, launched) for module in modules for name, value in vars(module).items()
                if name.endswith("_kernel") and hasattr(value, "run")}
     patches.update({(attention, "INTERPRETED"): True, (projected_attention, "INTERPRETED"): True,
                     (dispatch, "KERNELS_INTERPRETED"): True, (dispatch, "interpreter_enabled"): lambda: True})

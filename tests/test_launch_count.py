@@ -1,0 +1,51 @@
+"""What a fwd+bwd of a reducing SRA stage launches on the triton backend (path cublas_projections): our Triton
+kernels by name, and the torch kernels around them (GEMMs, copies, fills), counted with the Triton kernels
+stubbed out on the CPU. A GPU-side launch costs ~3-5 us of device time and 5-25 us of host time in eager mode,
+so the count is part of the op's cost; it was ~47 before the reduction kernels v2 and the key-parallel backward."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.test_host_overhead import stubbed_kernels
+from sra_kernels import SpatialReductionAttention
+
+TORCH_KERNELS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::copy_", "aten::fill_", "aten::zero_", "aten::sum",
+                 "aten::add_", "aten::add", "aten::mul", "aten::stack", "aten::cat", "aten::clone", "aten::zeros",
+                 "aten::ones", "aten::native_layer_norm", "aten::convolution"}
+"""The aten ops that launch device kernels (views, allocations and metadata ops launch none); an op counts once,
+at the innermost of these (e.g. an addmm's bias copy on the CPU, its one cuBLAS call on a GPU)."""
+
+
+def _torch_kernels(prof) -> Counter:
+    events = [e for e in prof.events() if e.name in TORCH_KERNELS]
+    return Counter(e.name for e in events if not any(c.name in TORCH_KERNELS for c in e.cpu_children))
+
+
+def test_reducing_stage_fwd_bwd_launches():
+    module = SpatialReductionAttention(64, 1, qkv_bias=True, sr_ratio=8, backend="triton")
+    module.configure(fuse_projections=False)
+    x = torch.randn(2, 32 * 32, 64, requires_grad=True)
+    grad = torch.ones_like(x)
+    launched: list = []
+    with stubbed_kernels(launched):
+        module(x, 32, 32).sum().backward()  # plans made, lazy state settled
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        launched.clear()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            module(x, 32, 32).backward(grad)
+    assert Counter(launched) == Counter({
+        "_patch_gemm_kernel": 1, "_sum_norm_kernel": 1, "_fwd_kernel": 1,  # forward
+        "_bwd_kernel": 1, "_sum_partials_kernel": 1,  # attention backward (one key block: query-parallel)
+        "_norm_bwd_kernel": 1, "_patch_dgrad_kernel": 1, "_conv_weight_grad_kernel": 1, "_weight_grad_sum_kernel": 1,
+        "_column_partials_kernel": 3,  # the q, kv and out bias gradients
+        "_finish_column_sums_kernel": 4,  # their totals, and the norm / conv-bias gradients' in one launch
+    })
+    torch_kernels = _torch_kernels(prof)
+    # 3 projection GEMMs forward, 6 backward, the conv weight's tap-major copy, the dk / dv stack
+    assert sum(torch_kernels.values()) == 11, torch_kernels
+    assert len(launched) + sum(torch_kernels.values()) == 27
