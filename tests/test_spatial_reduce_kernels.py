@@ -183,6 +183,23 @@ def test_empty_batch_launches_nothing(linear, monkeypatch, kernel_device):
         assert g.shape == like.shape and g.dtype == like.dtype and (g == 0).all()
 
 
+@pytest.mark.parametrize("block_m, steps_per_split", [(128, 12), (64, 5), (128, 5)])
+def test_tile_heights_and_k_splits(block_m, steps_per_split, monkeypatch, kernel_device):
+    """The patch GEMM and the data-gradient GEMM at both tile heights the heuristics pick (128 rows only at
+    sizes too big for the interpreter), and the patch GEMM's 12 K steps (C = 48: 3 chunks of 16 x 4 taps) in
+    one split or in splits of 5, 5 and 2, against the reference."""
+    gemm_config, dgrad_config = sr_ops._patch_gemm_config, sr_ops._dgrad_config
+
+    def forced_gemm(R, C, sr, elem_size):
+        cfg, _, _ = gemm_config(R, C, sr, elem_size)
+        assert sr * sr * -(-C // cfg["BLOCK_K"]) == 12
+        return dict(cfg, BLOCK_M=block_m), -(-12 // steps_per_split), steps_per_split
+
+    monkeypatch.setattr(sr_ops, "_patch_gemm_config", forced_gemm)
+    monkeypatch.setattr(sr_ops, "_dgrad_config", lambda *args: dict(dgrad_config(*args), BLOCK_M=block_m))
+    _check(3, 12, 12, 48, 2, False, torch.bfloat16, kernel_device)
+
+
 def test_tap_major_weight_is_read_in_place(kernel_device):
     """A tap_major_layout conv weight reaches the kernels without a copy, forward and backward, and gives the
     standard-layout weight's results bit for bit; the weight gradient comes back in (C_out, C_in, k, k) order."""
