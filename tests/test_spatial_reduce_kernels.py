@@ -110,6 +110,7 @@ LOW_PRECISION_CASES = [  # B, H, W, C, sr, linear
     (1, 17, 15, 32, 8, False),
     (1, 9, 12, 32, 1, True),
     (1, 5, 6, 48, 1, True),
+    (1, 6, 4, 160, 2, False),  # 3 column tiles of 64 (the last one part padding), as at C = 320
 ]
 
 
