@@ -34,8 +34,11 @@ def _autocast(*tensors):
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; with a bias, the op whose backward sums the bias gradient by our deterministic column sum."""
-    return F.linear(x, weight) if bias is None else biased_linear(x, weight, bias)
+    """F.linear; with a bias that autograd will differentiate, the op whose backward sums the bias gradient by
+    our deterministic column sum (inference skips the op's autograd wrapper)."""
+    if bias is None or not differentiated(x, weight, bias):
+        return F.linear(x, weight, bias)
+    return biased_linear(x, weight, bias)
 
 
 def _kernel_weights(weights: SRAWeights, dtype: torch.dtype | None) -> SRAWeights:
