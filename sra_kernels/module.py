@@ -18,7 +18,8 @@ class SpatialReductionAttention(nn.Module):
 
     Parameters keep the official names -- ``q``, ``kv``, ``proj``, ``sr``, ``norm`` (and the
     parameter-free ``pool``/``act`` in linear mode) -- so official and timm state dicts load with
-    ``strict=True``. ``forward(x, H, W)`` maps tokens (B, N=H*W, C) to (B, N, C).
+    ``strict=True``. ``forward(x, H, W)`` maps tokens (B, N=H*W, C) to (B, N, C). The ``sr`` conv weight is
+    kept ``torch.channels_last``, which the reduction kernels read in place.
 
     ``backend``, ``fuse_projections``, ``deterministic`` and ``autotune`` are :func:`sra_attention`'s options,
     kept as attributes (change them at any time; a torch.compile'd module recompiles for the new value).
@@ -57,7 +58,9 @@ class SpatialReductionAttention(nn.Module):
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
             self.act = nn.GELU()
         elif sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            # channels_last: the layout the reduction kernels read in place (no per-call copy of the weight);
+            # load_state_dict, optimizers and .to(dtype / device) keep it
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio).to(memory_format=torch.channels_last)
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.apply(self.init_weights)
 

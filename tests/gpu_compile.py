@@ -183,23 +183,29 @@ def _recording(sm_count: int):
 
 
 def _run_spatial(B, H, W, C, sr, linear, dtype) -> str:
-    """spatial_reduce_forward + backward, and the q bias gradient's column sum, on meta tensors; the case label."""
+    """spatial_reduce_forward + backward, and the q bias gradient's column sum, on meta tensors, with the conv weight
+    as the module keeps it (channels_last, read in place) and as a standard-layout weight's copy (tap-major);
+    the case label."""
     from sra_kernels.ops.column_sum import column_sum
     from sra_kernels.ops.spatial_reduce import (
         kv_max_channels,
         reduce_and_project_kv,
         spatial_reduce_backward,
         spatial_reduce_forward,
+        tap_major_layout,
     )
 
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(B, H * W, C, **meta)
-    weight, vec = torch.empty(C, C, sr, sr, **meta), torch.empty(C, **meta)
-    y, *saved = spatial_reduce_forward(x, H, W, weight, vec, vec, vec, sr, linear, 1e-5)
-    if C <= kv_max_channels(dtype):  # the kv projection in the forward kernel's epilogue
-        kv_weight, kv_bias = torch.empty(2 * C, C, **meta), torch.empty(2 * C, **meta)
-        reduce_and_project_kv(x, H, W, weight, vec, vec, vec, sr, linear, 1e-5, kv_weight, kv_bias)
-    spatial_reduce_backward(torch.empty_like(y), x, H, W, weight, vec, vec, vec, *saved, sr, linear, 1e-5)
+    vec = torch.empty(C, **meta)
+    k = 1 if linear else sr
+    for weight in (torch.empty(C, C, k, k, **meta).contiguous(memory_format=torch.channels_last),
+                   tap_major_layout(torch.empty(C, C, k, k, **meta))):
+        y, *saved = spatial_reduce_forward(x, H, W, weight, vec, vec, vec, sr, linear, 1e-5)
+        if C <= kv_max_channels(dtype):  # the kv projection in the forward kernel's epilogue
+            kv_weight, kv_bias = torch.empty(2 * C, C, **meta), torch.empty(2 * C, **meta)
+            reduce_and_project_kv(x, H, W, weight, vec, vec, vec, sr, linear, 1e-5, kv_weight, kv_bias)
+        spatial_reduce_backward(torch.empty_like(y), x, H, W, weight, vec, vec, vec, *saved, sr, linear, 1e-5)
     column_sum(x.view(-1, C), dtype)
     return f"spatial B{B} {H}x{W} C{C} " + ("linear" if linear else f"sr{sr}")
 

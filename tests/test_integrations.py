@@ -118,6 +118,8 @@ def test_patched_matches_host_float64(name, backend):
     patched = copy.deepcopy(host)
     names = patch(patched, backend=backend)
     assert names and all(n.endswith(("attn", "attention")) for n in names)
+    convs = [m for n in names for m in patched.get_submodule(n).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     _assert_same_results(_forward_backward(patched, x), _forward_backward(host, x))
 
 

@@ -201,20 +201,30 @@ def test_tile_heights_and_k_splits(block_m, steps_per_split, monkeypatch, kernel
     _check(3, 12, 12, 48, 2, False, torch.bfloat16, kernel_device)
 
 
-def test_tap_major_weight_is_read_in_place(kernel_device):
-    """A tap_major_layout conv weight reaches the kernels without a copy, forward and backward, and gives the
-    standard-layout weight's results bit for bit; the weight gradient comes back in (C_out, C_in, k, k) order."""
+@pytest.mark.parametrize("layout", ["tap_major", "channels_last"])
+def test_weight_layouts_are_read_in_place(layout, kernel_device):
+    """A tap_major_layout or a channels_last conv weight reaches the kernels without a copy, forward and backward,
+    and gives the standard-layout weight's results bit for bit; the weight gradient comes back in the layout
+    AccumulateGrad keeps: (C_out, C_in, k, k) contiguous for a tap-major copy (its autograd maps it back from
+    there), channels_last for a channels_last weight."""
     B, H, W, C, sr = 2, 9, 11, 32, 2
     inputs, grad = _problem(B, H, W, C, sr, False, torch.float32, kernel_device)
-    tap_major = sr_ops.tap_major_layout(inputs[1])
-    assert torch.equal(tap_major, inputs[1]) and not tap_major.is_contiguous()
-    assert sr_ops.tap_major_layout(tap_major).data_ptr() == tap_major.data_ptr()
-    assert sr_ops._tap_major(tap_major).data_ptr() == tap_major.data_ptr()
+    if layout == "tap_major":
+        weight = sr_ops.tap_major_layout(inputs[1])
+        assert not weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+    else:
+        weight = inputs[1].contiguous(memory_format=torch.channels_last)
+    assert torch.equal(weight, inputs[1])
+    assert sr_ops.tap_major_layout(weight).data_ptr() == weight.data_ptr()
+    assert sr_ops._tap_major(weight).data_ptr() == weight.data_ptr()
+    assert sr_ops.tap_major_layout(weight, torch.bfloat16).stride() == weight.stride()  # cast, layout kept
     standard = _kernels(inputs, grad, H, W, sr, False)
-    in_place = _kernels([inputs[0], tap_major, *inputs[2:]], grad, H, W, sr, False)
+    in_place = _kernels([inputs[0], weight, *inputs[2:]], grad, H, W, sr, False)
     for a, b in zip((standard[0], *standard[2]), (in_place[0], *in_place[2])):
         assert torch.equal(a, b)
-    assert in_place[2][1].is_contiguous()
+    d_weight = in_place[2][1]
+    assert d_weight.is_contiguous(memory_format=torch.contiguous_format if layout == "tap_major"
+                                  else torch.channels_last)
 
 
 def test_identity_ratio_is_rejected():

@@ -343,6 +343,52 @@ def test_training_follows_reference_loss_curve(kernel_device):
     torch.testing.assert_close(curves["triton"], curves["reference"], rtol=1e-3, atol=1e-4)
 
 
+def test_conv_weight_stays_channels_last(kernel_device, monkeypatch):
+    """The module's sr conv weight is channels_last through load_state_dict (of a standard-layout state dict),
+    .to(dtype), a training step and patching a host module; the kernels read it with no relayout copy and give
+    the standard-layout weight's output and gradients bit for bit, its gradient channels_last too."""
+    from sra_kernels import fused
+
+    torch.manual_seed(0)
+    module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=2, backend="triton").to(kernel_device)
+    state = {name: t.contiguous() for name, t in module.state_dict().items()}
+    assert not state["sr.weight"].is_contiguous(memory_format=torch.channels_last)
+    module.load_state_dict(state)
+    assert module.sr.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module.to(torch.float16).sr.weight.is_contiguous(memory_format=torch.channels_last)
+    module.float()
+    copied = []
+    relayout = fused.tap_major_layout
+
+    def recording(w, dtype=None):
+        out = relayout(w, dtype)
+        copied.append(out.data_ptr() != w.data_ptr())
+        return out
+
+    monkeypatch.setattr(fused, "tap_major_layout", recording)
+    x = torch.randn(2, 64, 32, device=kernel_device, requires_grad=True)
+    grad = torch.randn(2, 64, 32, device=kernel_device)
+    names = [name for name, _ in module.named_parameters()]
+
+    def run():
+        out = module(x, 8, 8)
+        return (out, *torch.autograd.grad(out, (x, *module.parameters()), grad))
+
+    in_place = run()
+    module.sr.weight.data = module.sr.weight.data.contiguous()  # the same values, standard layout: copied
+    standard = run()
+    for a, b in zip(in_place, standard):
+        assert torch.equal(a, b)
+    assert copied == [False, True]
+    assert in_place[2 + names.index("sr.weight")].is_contiguous(memory_format=torch.channels_last)
+    assert standard[2 + names.index("sr.weight")].is_contiguous()
+    module.sr.weight.data = module.sr.weight.data.contiguous(memory_format=torch.channels_last)
+    module(x, 8, 8).sum().backward()
+    torch.optim.AdamW(module.parameters()).step()  # in-place updates keep the parameter's layout
+    assert module.sr.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module.sr.weight.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_autocast_runs_kernels_in_low_precision(kernel_device, kernel_calls):
     """Under bf16 autocast the fused ops get bf16 inputs (as autocast casts Conv2d) and match sdpa."""
     module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=2).to(kernel_device)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..reference import LINEAR_POOL_SIZE
 from .attention import strided_offsets
-from .column_sum import column_sum, sum_partials
+from .column_sum import column_sum, finish_column_sums
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
 from .registration import register
@@ -132,7 +132,7 @@ def _adaptive_pool_kernel(
 def _patch_gemm_kernel(
     a_ptr, w_ptr, part_ptr,
     R, M, Wr, W_img, C, steps_per_split,
-    stride_ab, stride_an, stride_ac,
+    stride_ab, stride_an, stride_ac, stride_wk, stride_wn,
     SR: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -140,7 +140,7 @@ def _patch_gemm_kernel(
 
     Program (row block, column block, split) owns reduced tokens r = b*M + m (rows flattened across images,
     so short images do not pad tiles) and output channels [n0, n0 + BLOCK_N). a: source tokens (B, L, C) of
-    an image W_img wide, read through its strides; w: (SR*SR*C, C) tap-major.
+    an image W_img wide, read through its strides; w: (SR*SR*C, C) tap-major, through its strides.
     """
     pid_m = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,7 +162,8 @@ def _patch_gemm_kernel(
         a = tl.load(patches[:, None] + (tap_offset + strided_offsets(ci, stride_ac))[None, :],
                     mask=r_mask[:, None] & ci_mask[None, :], other=0.0)
         # the chunk's first weight row in int64 (w has SR*SR*C*C elements), tile-local offsets in int32
-        w = tl.load(w_ptr + (tap * C + c0).to(tl.int64) * C + ck[:, None] * C + n[None, :],
+        w_rows = w_ptr + (tap * C + c0).to(tl.int64) * stride_wk
+        w = tl.load(w_rows + ck[:, None] * stride_wk + n[None, :] * stride_wn,
                     mask=ci_mask[:, None] & n_mask[None, :], other=0.0)
         acc = _mma(a, w, acc, UPCAST)
     offs = (split.to(tl.int64) * R + r)[:, None] * C + n[None, :]
@@ -271,14 +272,14 @@ def _norm_bwd_kernel(
 def _patch_dgrad_kernel(
     dz_ptr, w_ptr, da_ptr,
     R, M, Wr, W_img, C,
-    stride_db, stride_dn, stride_dc,
+    stride_db, stride_dn, stride_dc, stride_wk, stride_wn,
     SR: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """da = dz @ w^T for BLOCK_M reduced tokens and one K step (a tap's BLOCK_K input channels), scattered into
     the patches of da through its strides (patches never overlap); with ACCUMULATE added to what they hold.
 
-    dz: (R = B*M, C) contiguous; w: (SR*SR*C, C) tap-major; the loop runs over the C output channels.
+    dz: (R = B*M, C) contiguous; w: (SR*SR*C, C) tap-major, through its strides; the loop runs over the C output channels.
     """
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = r < R
@@ -287,12 +288,12 @@ def _patch_dgrad_kernel(
     ci_mask = ci < C
     n = tl.arange(0, BLOCK_N)
     dz_rows = dz_ptr + r.to(tl.int64)[:, None] * C
-    w_rows = w_ptr + (tap * C + c0).to(tl.int64) * C + tl.arange(0, BLOCK_K)[None, :] * C
+    w_rows = w_ptr + (tap * C + c0).to(tl.int64) * stride_wk + tl.arange(0, BLOCK_K)[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
     for n0 in range(0, C, BLOCK_N):
         n_mask = n0 + n < C
         d = tl.load(dz_rows + (n0 + n)[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        w_t = tl.load(w_rows + (n0 + n)[:, None], mask=n_mask[:, None] & ci_mask[None, :], other=0.0)
+        w_t = tl.load(w_rows + (n0 + n)[:, None] * stride_wn, mask=n_mask[:, None] & ci_mask[None, :], other=0.0)
         acc = _mma(d, w_t, acc, UPCAST)
     b = r // M
     patches = da_ptr + _patch_origin(b, r - b * M, Wr, W_img, stride_db, stride_dn, SR)
@@ -340,9 +341,10 @@ def _conv_weight_grad_kernel(
 
 
 @triton.jit
-def _weight_grad_sum_kernel(part_ptr, out_ptr, C, num_splits, SR: tl.constexpr, BLOCK: tl.constexpr):
-    """out (C_out, C_in, SR, SR) in out's dtype = the splits of part (num_splits, SR*SR*C_in, C_out) fp32 summed
-    in order: element (k = tap*C + ci, n) of a split lands at out[n, ci, kh, kw] with tap = kh*SR + kw."""
+def _weight_grad_sum_kernel(part_ptr, out_ptr, C, num_splits, stride_oo, stride_oi, stride_oh, stride_ow,
+                            SR: tl.constexpr, BLOCK: tl.constexpr):
+    """out (C_out, C_in, SR, SR) in out's dtype and strides = the splits of part (num_splits, SR*SR*C_in, C_out)
+    fp32 summed in order: element (k = tap*C + ci, n) of a split lands at out[n, ci, kh, kw], tap = kh*SR + kw."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     numel = SR * SR * tl.cast(C, tl.int64) * C
     mask = offs < numel
@@ -353,7 +355,10 @@ def _weight_grad_sum_kernel(part_ptr, out_ptr, C, num_splits, SR: tl.constexpr, 
     n = offs - k * C
     tap = k // C
     ci = k - tap * C
-    tl.store(out_ptr + (n * C + ci) * (SR * SR) + tap, rounded_cast(acc, out_ptr.dtype.element_ty), mask=mask)
+    kh = tap // SR
+    kw = tap - kh * SR
+    out = out_ptr + n * stride_oo + ci * stride_oi + kh * stride_oh + kw * stride_ow
+    tl.store(out, rounded_cast(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -476,19 +481,37 @@ def reduced_size(H: int, W: int, sr_ratio: int, linear: bool) -> tuple[int, int]
 
 
 def tap_major_layout(sr_weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The conv weight (C_out, C_in, k, k) laid out in memory tap-major, as (kh, kw, C_in, C_out), and cast to
-    ``dtype`` on the way: one copy, none if it already is. The kernels read such a weight in place (forward and
-    backward), and its gradient flows back through the copy to the original layout for free."""
+    """The conv weight (C_out, C_in, k, k) in a memory layout the kernels read in place, cast to ``dtype`` on the
+    way: a ``torch.channels_last`` weight (C_in fastest, then kw, kh: what :class:`SpatialReductionAttention`
+    keeps) as it is, or only cast; any other laid out tap-major, as (kh, kw, C_in, C_out), in one copy. The
+    gradient comes back in the weight's own layout, through the copy for free."""
+    if _reads_in_place(sr_weight):
+        return sr_weight if dtype is None else sr_weight.to(dtype)  # .to preserves the layout
     taps = sr_weight.permute(2, 3, 1, 0)
     if dtype is not None and dtype != sr_weight.dtype:
         taps = taps.to(dtype, memory_format=torch.contiguous_format)
     return taps.contiguous().permute(3, 2, 0, 1)
 
 
+def _reads_in_place(sr_weight: torch.Tensor) -> bool:
+    """Whether :func:`_tap_major` is a view: a channels_last weight, or one in :func:`tap_major_layout`'s."""
+    return (sr_weight.is_contiguous(memory_format=torch.channels_last)
+            or sr_weight.permute(2, 3, 1, 0).is_contiguous())
+
+
 def _tap_major(sr_weight: torch.Tensor) -> torch.Tensor:
-    """Conv weight (C_out, C_in, k, k) -> (k*k*C_in, C_out): row (kh*k + kw)*C_in + ci; a view of a
-    :func:`tap_major_layout` weight, else a copy."""
-    return sr_weight.permute(2, 3, 1, 0).reshape(-1, sr_weight.shape[0]).contiguous()
+    """Conv weight (C_out, C_in, k, k) -> (k*k*C_in, C_out), any strides: row (kh*k + kw)*C_in + ci; a view of a
+    :func:`tap_major_layout` weight (column-major for a channels_last one), else a copy."""
+    return sr_weight.permute(2, 3, 1, 0).reshape(-1, sr_weight.shape[0])
+
+
+def _weight_like(sr_weight: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient of the conv weight: channels_last for a channels_last weight (the layout
+    AccumulateGrad keeps without a copy), else (C_out, C_in, k, k) contiguous."""
+    C_out, C_in, kh, kw = sr_weight.shape
+    if sr_weight.is_contiguous() or not sr_weight.is_contiguous(memory_format=torch.channels_last):
+        return _alloc(sr_weight.shape, dtype=sr_weight.dtype, device=sr_weight.device)
+    return _alloc((C_out, kh, kw, C_in), dtype=sr_weight.dtype, device=sr_weight.device).permute(0, 3, 1, 2)
 
 
 def _conv_geometry(x, pooled, W, sr_ratio, linear):
@@ -566,10 +589,11 @@ def reduce_and_project_kv(
     R = B * M
     cfg, splits, steps_per_split = _patch_gemm_config(R, C, sr, x.element_size())
     part = _alloc((splits, R, C), dtype=torch.float32, device=dev)
+    w_t = _tap_major(sr_weight)
     _patch_gemm_kernel[(cdiv(R, cfg["BLOCK_M"]), cdiv(C, cfg["BLOCK_N"]), splits)](
-        src, _tap_major(sr_weight), part,
+        src, w_t, part,
         R, M, Wr, src_w, C, steps_per_split,
-        *src.stride(),
+        *src.stride(), *w_t.stride(),
         SR=sr, UPCAST=INTERPRETED, **cfg,
     )
     cfg = _row_config(C, dot=project)
@@ -646,7 +670,7 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
     )
     d_norm_weight, d_norm_bias, d_sr_bias = (_alloc(p.shape, dtype=p.dtype, device=dev)
                                              for p in (norm_weight, norm_bias, sr_bias))
-    sum_partials(norm_part, d_norm_weight, d_norm_bias, d_sr_bias)
+    finish_column_sums(list(norm_part), [d_norm_weight, d_norm_bias, d_sr_bias])
 
     # Data gradient: da = dz @ w^T into the patches (dx) or the pooled cells.
     da = _alloc((B, M, C), dtype=torch.float32, device=dev) if linear else dx
@@ -654,7 +678,7 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
     _patch_dgrad_kernel[(cdiv(R, cfg["BLOCK_M"]), sr * sr * cdiv(C, cfg["BLOCK_K"]))](
         dz, w_t, da,
         R, M, Wr, src_w, C,
-        *da.stride(),
+        *da.stride(), *w_t.stride(),
         SR=sr, UPCAST=INTERPRETED, ACCUMULATE=accumulate and not linear, **cfg,
     )
 
@@ -670,9 +694,9 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
         *src.stride(),
         SR=sr, UPCAST=INTERPRETED, **cfg,
     )
-    d_sr_weight = _alloc(sr_weight.shape, dtype=sr_weight.dtype, device=dev)
-    _weight_grad_sum_kernel[(cdiv(w_part[0].numel(), 1024),)](w_part, d_sr_weight, C, t_splits, SR=sr, BLOCK=1024,
-                                                              num_warps=4)
+    d_sr_weight = _weight_like(sr_weight)
+    _weight_grad_sum_kernel[(cdiv(w_part[0].numel(), 1024),)](w_part, d_sr_weight, C, t_splits, *d_sr_weight.stride(),
+                                                              SR=sr, BLOCK=1024, num_warps=4)
 
     if linear:
         P = LINEAR_POOL_SIZE
