@@ -174,9 +174,11 @@ def _gemm_forward(rows: int, k: int, n: int, e: int) -> Cost:
     return Cost(2 * rows * k * n, (rows * k + n * k + n) * e, rows * n * e)
 
 
-def _gemm_backward(rows: int, k: int, n: int, e: int) -> Cost:
-    """da = dy W, dW = dy^T a, dbias = sum dy: dy read three times, a and W once; da, dW, dbias written."""
-    return Cost(4 * rows * k * n, (3 * rows * n + rows * k + n * k) * e, (rows * k + n * k + n) * e)
+def _gemm_backward(rows: int, k: int, n: int, e: int, bias: bool = True) -> Cost:
+    """da = dy W, dW = dy^T a, dbias = sum dy: dy read three times, a and W once; da, dW, dbias written.
+    ``bias`` False: without dbias (our paths sum it from partials: ``out_bias_partials``, ``param_grads``)."""
+    reads = 3 if bias else 2
+    return Cost(4 * rows * k * n, (reads * rows * n + rows * k + n * k) * e, (rows * k + n * k + n * bias) * e)
 
 
 def _pointwise(read: int, written: int, e: int) -> Cost:
@@ -315,7 +317,6 @@ def _forward_launch_costs(shape: SRAShape, dtype: torch.dtype, training: bool) -
     return {
         "q": _gemm_forward(B * N, C, C, e),
         "pool": _pointwise(x, reduced, e),
-        "conv_weight_layout": _pointwise(weight, weight, e),
         "reduce": reduce,
         "reduce_norm": reduce_norm,
         "reduce_norm_kv": reduce_norm + Cost(kv.flops, (2 * C * C + 2 * C) * e, kv.bytes_written),
@@ -333,22 +334,25 @@ def _backward_launch_costs(shape: SRAShape, dtype: torch.dtype) -> dict[str, Cos
     The attention backward reads q, k, v, o, dO and the log-sum-exp and writes dq, dk, dv; the reduction's
     data-gradient kernel adds its dx into the q path's in place (reading it); ``kv_recompute`` is the
     one-kernel path's k, v GEMM, and ``kv_bwd_into_dx`` its kv backward, which adds dkv W_kv into the q
-    path's dx (addmm: reads it once more); ``dx_sum`` adds the query and key/value paths' dx (sr = 1).
+    path's dx (addmm: reads it once more), ``q_bwd_into_dx`` the q backward adding into the kv path's dx (sr = 1);
+    ``dx_sum`` adds the query and key/value paths' dx; ``out_bias_partials`` and ``param_grads`` are the bias and
+    norm-parameter gradients (partial column sums of dOut, then every gradient from its partials).
     """
     B, N, M, C, k = shape.batch, shape.tokens, shape.reduced_tokens, shape.channels, shape.kernel
     e, x, reduced, reduction_input = _sizes(shape, dtype)
     weight = C * C * k * k
     da = reduced if shape.linear else reduction_input  # the data-gradient kernel's da: pooled cells or patches
     da_read = 0 if shape.linear else da
-    kv_bwd = _gemm_backward(B * M, C, 2 * C, e)
+    kv_bwd = _gemm_backward(B * M, C, 2 * C, e, bias=False)
     return {
-        "proj_bwd": _gemm_backward(B * N, C, C, e),
+        "proj_bwd": _gemm_backward(B * N, C, C, e, bias=False),
         "attention_bwd": Cost(10 * B * N * M * C, (3 * x + 2 * reduced) * e + _lse_bytes(shape), (x + 2 * reduced) * e),
         "kv_bwd": kv_bwd,
-        "q_bwd": _gemm_backward(B * N, C, C, e),
+        "q_bwd": _gemm_backward(B * N, C, C, e, bias=False),
         "dx_sum": _pointwise(2 * x, x, e),
         "reduce_norm_bwd": Cost(0, (2 * reduced + 2 * C) * e + 2 * B * M * STAT_BYTES, reduced * e),
-        "reduce_param_grads": _pointwise(3 * C, 3 * C, e),
+        "out_bias_partials": Cost(0, x * e, 0),  # reads dOut; writes a few KB of fp32 partials
+        "param_grads": _pointwise(0, 7 * C, e),  # from the partials (the q / kv ones from the attention backward)
         "reduce_dgrad": Cost(2 * B * M * weight, (reduced + weight + da_read) * e, da * e),
         # fp32 sums of one token split at least, then cast into the weight's layout and dtype
         "conv_weight_grad": Cost(2 * B * M * weight, (da + reduced) * e, weight * 4),
@@ -356,6 +360,7 @@ def _backward_launch_costs(shape: SRAShape, dtype: torch.dtype) -> dict[str, Cos
         "pool_bwd": _pointwise(reduced + x, x, e),
         "kv_recompute": _gemm_forward(B * M, C, 2 * C, e),
         "kv_bwd_into_dx": kv_bwd + Cost(0, x * e, 0),
+        "q_bwd_into_dx": _gemm_backward(B * N, C, C, e, bias=False) + Cost(0, x * e, 0),
     }
 
 

@@ -2,10 +2,11 @@
 
 :mod:`sra_kernels.plan` chooses the route; this module runs it:
 
-* ``reduce_attend`` / ``attend`` (path ``cublas_projections``): the q / kv / out projections as torch
-  matmuls (cuBLAS); the spatial reduction (conv + LayerNorm, or the linear pool path, with the backward's
-  dx summed in place) and the attention are our Triton kernels. Heads are column slices: q, k and v reach
-  the attention kernel as strided views, never permuted copies.
+* ``reduce_attend`` / ``attend`` (path ``cublas_projections``): one op, ``sra`` (:mod:`.ops.sra`): the q / kv /
+  out projections as torch matmuls (cuBLAS); the spatial reduction (conv + LayerNorm, or the linear pool path,
+  with the backward's dx summed in place) and the attention are our Triton kernels. Heads are column slices:
+  q, k and v reach the attention kernel as strided views, never permuted copies; dK / dV come back as one
+  kv-shaped buffer, and every bias gradient is finished in one launch.
 * ``reduce_project_attend`` / ``project_attend_self`` / ``kv_project_attend`` (path ``fused_projections``,
   C <= 128): the kv projection in the reduction kernel's epilogue, then the q projection, the attention
   and the out projection in one kernel (one op, ``projected_sra``, whose backward adds the reduction's dx
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from .ops.attention import reduced_kv_attention
 from .ops.linear import biased_linear
 from .ops.projected_attention import projected_attention, projected_self_attention, projected_sra
-from .ops.spatial_reduce import project_and_reduce, spatial_reduce, tap_major_layout
+from .ops.spatial_reduce import spatial_reduce, tap_major_layout
+from .ops.sra import sra
 from .plan import Plan, autocast_dtype, differentiated
 from .weights import SRAWeights, filled_reduction
 
@@ -70,11 +72,7 @@ def reduced_kv_attention_triton(q, k, v, scale=None, deterministic=True):
 def sra_attention_triton(x: torch.Tensor, size: tuple[int, int], weights: SRAWeights, *, num_heads: int,
                          sr_ratio: int, linear: bool, eps: float, scale: float | None, plan: Plan) -> torch.Tensor:
     """The SRA of :func:`sra_kernels.reference.sra_attention` (x (B, N, C) -> (B, N, C)), run on ``plan.route``
-    (a ``cublas_projections`` or ``fused_projections`` plan of :mod:`sra_kernels.plan`).
-
-    With a reduction, the q projection and the reduction are one op whose backward writes dx in one
-    pass (see ``project_and_reduce`` in :mod:`.ops.spatial_reduce`).
-    """
+    (a ``cublas_projections`` or ``fused_projections`` plan of :mod:`sra_kernels.plan`)."""
     dtype = autocast_dtype(x)
     if dtype is not None:
         x = x.to(dtype)
@@ -82,21 +80,10 @@ def sra_attention_triton(x: torch.Tensor, size: tuple[int, int], weights: SRAWei
     if plan.path == "fused_projections":
         return _sra_attention_projected(x, size, weights, num_heads=num_heads, sr_ratio=sr_ratio, linear=linear,
                                         eps=eps, scale=scale, plan=plan)
-    B, N, C = x.shape
-    head_dim = C // num_heads
-    if plan.route == "reduce_attend":
-        reduction = weights.reduction_filled(x)
-        q, reduced = project_and_reduce(x, *size, weights.q_weight, weights.q_bias, *reduction, sr_ratio, linear,
-                                        eps)[:2]
-    else:
-        q, reduced = _linear(x, weights.q_weight, weights.q_bias), x
-    # unbind: the backward stacks dk and dv into kv's gradient in one kernel (two selects would zero-fill it
-    # twice, copy into each half and add)
-    k, v = _linear(reduced, weights.kv_weight, weights.kv_bias).view(B, reduced.shape[1], 2, num_heads,
-                                                                       head_dim).unbind(2)
-    out = reduced_kv_attention(q.view(B, N, num_heads, head_dim), k, v, head_dim ** -0.5 if scale is None else scale,
-                               plan.deterministic)[0]
-    return _linear(out.view(B, N, C), weights.proj_weight, weights.proj_bias)
+    reduction = weights.reduction_filled(x) if plan.route == "reduce_attend" else (None,) * 4
+    scale = (x.shape[-1] // num_heads) ** -0.5 if scale is None else scale
+    return sra(x, *size, *weights.projections, *reduction, sr_ratio, linear, eps, num_heads, scale,
+               plan.deterministic)[0]
 
 
 def _sra_attention_projected(x, size, weights, *, num_heads, sr_ratio, linear, eps, scale, plan) -> torch.Tensor:

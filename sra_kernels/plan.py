@@ -106,16 +106,18 @@ class Plan(NamedTuple):
 
 # --------------------------------------------------------------------------- routes and their launches
 _GEMM = "gemm"
-_REDUCTION_GEMM = (Launch("conv_weight_layout", "torch"), Launch("reduce", "triton", "_patch_gemm_kernel"))
-_REDUCTION = (*_REDUCTION_GEMM, Launch("reduce_norm", "triton", "_sum_norm_kernel"))
-_REDUCTION_KV = (*_REDUCTION_GEMM, Launch("reduce_norm_kv", "triton", "_sum_norm_kernel"))
+# the conv weight as the module keeps it (channels_last: read in place; a standard-layout one adds a relayout copy)
+_REDUCTION = (Launch("reduce", "triton", "_patch_gemm_kernel"), Launch("reduce_norm", "triton", "_sum_norm_kernel"))
+_REDUCTION_KV = (_REDUCTION[0], Launch("reduce_norm_kv", "triton", "_sum_norm_kernel"))
 _POOL = (Launch("pool", "triton", "_adaptive_pool_kernel"),)
 _REDUCTION_BACKWARD = (Launch("reduce_norm_bwd", "triton", "_norm_bwd_kernel"),
-                       Launch("reduce_param_grads", "triton", "_param_grad_sum_kernel"),
                        Launch("reduce_dgrad", "triton", "_patch_dgrad_kernel"),
                        Launch("conv_weight_grad", "triton", "_conv_weight_grad_kernel"),
                        Launch("conv_weight_grad_sum", "triton", "_weight_grad_sum_kernel"))
 _ATTENTION_BACKWARD = (Launch("proj_bwd", _GEMM), Launch("attention_bwd", "triton", "_bwd_kernel"))
+# the out bias's partial column sums, then every bias / norm-parameter gradient from its partials in one launch
+_PARAMETER_GRADS = (Launch("out_bias_partials", "triton", "_column_partials_kernel"),
+                    Launch("param_grads", "triton", "_finish_column_sums_kernel"))
 _PROJECTED = Launch("projected_attention", "triton", "_projected_fwd_kernel")
 
 ROUTES = {
@@ -138,19 +140,20 @@ def _launches(route: str, linear: bool) -> tuple[tuple[Launch, ...], tuple[Launc
     if route == "reduce_attend":
         forward = (Launch("q", _GEMM), *pool, *_REDUCTION, Launch("kv", _GEMM),
                    Launch("attention", "triton", "_fwd_kernel"), Launch("proj", _GEMM))
-        return forward, projection_bwd + _REDUCTION_BACKWARD + pool_bwd
+        return forward, projection_bwd + _REDUCTION_BACKWARD + pool_bwd + _PARAMETER_GRADS
     if route == "attend":
         forward = (Launch("q", _GEMM), Launch("kv", _GEMM), Launch("attention", "triton", "_fwd_kernel"),
                    Launch("proj", _GEMM))
-        return forward, projection_bwd + (Launch("dx_sum", "torch"),)
+        return forward, (*_ATTENTION_BACKWARD, Launch("kv_bwd", _GEMM), Launch("q_bwd_into_dx", _GEMM),
+                         *_PARAMETER_GRADS)
     if route == "reduce_project_attend":
-        return (*pool, *_REDUCTION_KV, _PROJECTED), projection_bwd + _REDUCTION_BACKWARD + pool_bwd
+        return (*pool, *_REDUCTION_KV, _PROJECTED), projection_bwd + _REDUCTION_BACKWARD + pool_bwd + _PARAMETER_GRADS
     if route == "project_attend_self":
         forward = (Launch("projected_self_attention", "triton", "_projected_fwd_kernel"),)
         return forward, ((Launch("kv_recompute", _GEMM),) + _ATTENTION_BACKWARD
-                         + (Launch("q_bwd", _GEMM), Launch("kv_bwd_into_dx", _GEMM)))
+                         + (Launch("q_bwd", _GEMM), Launch("kv_bwd_into_dx", _GEMM)) + _PARAMETER_GRADS)
     if route == "kv_project_attend":
-        return (Launch("kv", _GEMM), _PROJECTED), projection_bwd + (Launch("dx_sum", "torch"),)
+        return (Launch("kv", _GEMM), _PROJECTED), projection_bwd + (Launch("dx_sum", "torch"),) + _PARAMETER_GRADS
     return (), ()  # sdpa, reference: PyTorch's own sequence (cost.py's "unfused" ops for the reference)
 
 

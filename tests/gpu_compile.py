@@ -211,7 +211,7 @@ def _run_spatial(B, H, W, C, sr, linear, dtype) -> str:
 
 
 def _run_attention(B, N, M, h, d, deterministic, dtype) -> str:
-    """attention_forward + backward on meta tensors; returns the case label.
+    """attention_forward + backward (with the bias-gradient partials) on meta tensors; returns the case label.
 
     q is a (B, N, h*d) projection viewed per head; k and v are the halves of a (B, M, 2, h, d) projection.
     """
@@ -221,7 +221,8 @@ def _run_attention(B, N, M, h, d, deterministic, dtype) -> str:
     q = torch.empty(B, N, h * d, **meta).view(B, N, h, d)
     kv = torch.empty(B, M, 2, h, d, **meta)
     o, lse = attention_forward(q, kv[:, :, 0], kv[:, :, 1], d ** -0.5)
-    attention_backward(torch.empty_like(o), q, kv[:, :, 0], kv[:, :, 1], o, lse, d ** -0.5, deterministic)
+    attention_backward(torch.empty_like(o), q, kv[:, :, 0], kv[:, :, 1], o, lse, d ** -0.5, deterministic,
+                       bias_partials=True)
     return f"attention B{B} N{N} M{M} h{h} d{d} " + ("det" if deterministic else "atomic")
 
 

@@ -1,8 +1,8 @@
 """Triton short-KV attention kernels (sra_kernels.ops.attention) against the float64 reference.
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, small shapes); with CUDA they run
-natively, and the `slow` sweep adds PVT-sized shapes. Every kernel output and scratch buffer is
-allocated NaN-filled (see `poison_buffers`), so an element a kernel fails to write shows up.
+natively, and the `slow` sweep adds PVT-sized shapes. Every kernel output and scratch buffer (the bias-gradient
+partials too) is allocated NaN-filled (see `poison_buffers`), so an element a kernel fails to write shows up.
 """
 
 import pytest
@@ -46,19 +46,38 @@ def reference_lse(q, k, scale):
     return torch.logsumexp(torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * scale, dim=-1)
 
 
+def column_sums(grads):
+    """(q bias gradient (h*d,), kv bias gradient (2*h*d,)) in float64 of (o, dq, dk, dv)."""
+    _, dq, dk, dv = (t.double() for t in grads)
+    return dq.flatten(0, 1).flatten(1).sum(0), torch.cat((dk.flatten(2), dv.flatten(2)), 2).flatten(0, 1).sum(0)
+
+
 def check_case(B, N, M, h, d, dtype, deterministic=True, inputs=None):
+    """Forward and backward (with bias partials) against the float64 reference, within 2x the same-dtype error."""
     q, k, v, do = inputs if inputs is not None else make_inputs(B, N, M, h, d, dtype)
     scale = d**-0.5
     o, lse = attention.attention_forward(q, k, v, scale)
-    dq, dk, dv = attention.attention_backward(do, q, k, v, o, lse, scale, deterministic)
+    dq, dkv, q_part, kv_part = attention.attention_backward(do, q, k, v, o, lse, scale, deterministic, True)
     assert o.is_contiguous() and lse.shape == (B, h, N) and lse.dtype == torch.float32
+    assert dq.is_contiguous() and dkv.is_contiguous() and dkv.shape == (B, M, 2, h, d)
     assert not lse.isnan().any()
     torch.testing.assert_close(lse.double(), reference_lse(q, k, scale), rtol=1e-5, atol=1e-4)
     exact = reference(q, k, v, do, scale, torch.float64)
     same_dtype = reference(q, k, v, do, scale, dtype)
-    for name, out, ex, ref in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), exact, same_dtype):
+    for name, out, ex, ref in zip(("o", "dq", "dk", "dv"), (o, dq, dkv[:, :, 0], dkv[:, :, 1]), exact, same_dtype):
         assert out.dtype == dtype, name
         assert_within_reference_error(name, out, ex, ref, dtype)
+    plan = attention._plan(N, M, d, B * h, dtype, DEVICE, backward=True)
+    assert q_part.shape == (B * plan.num_programs, h * d) and kv_part.shape[1] == 2 * h * d
+    for name, part, out, ex, ref in zip(("q bias", "kv bias"), (q_part, kv_part), (dq, dkv),
+                                        column_sums(exact), column_sums(same_dtype)):
+        assert part.dtype == torch.float32 and not part.isnan().any(), name
+        got = part.double().sum(0)
+        assert_within_reference_error(name, got, ex, ref, dtype)
+        # The fp32 sums before rounding: within one rounding of each summed element of the kernel's own output.
+        rounded = out.double().reshape(-1, got.numel())
+        bound = torch.finfo(dtype).eps * rounded.abs().sum(0) + 1e-5 * (1 + rounded.abs().sum(0).max())
+        assert ((got - rounded.sum(0)).abs() <= bound).all(), name
 
 
 # (B, N, M, heads, head_dim, dtype). Block sizes depend on dtype and head_dim (see attention._plan):
@@ -110,6 +129,73 @@ def test_atomic_dkv_matches_reference(B, N, M, h, d, dtype, sm_count):
     check_case(B, N, M, h, d, dtype, deterministic=False)
 
 
+# Each way to the dKV buffer and bias partials: (M, SM count forcing the parallelisation, deterministic). N = 45, M not
+# multiples of any block, 3 heads, head_dim 24 / 40 padded to 32 / 64: tails everywhere.
+WAYS = {
+    "one key block": (23, 10**6, True),
+    "queries, keys looped": (150, 10**6, True),
+    "keys": (150, 1, True),
+    "atomic, one key block": (23, 10**6, False),
+    "atomic, keys looped": (150, 10**6, False),
+}
+
+
+@pytest.mark.parametrize("d", [24, 40])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("way", WAYS)
+def test_dkv_and_bias_partials_every_way(way, dtype, d, sm_count):
+    M, sms, deterministic = WAYS[way]
+    sm_count(sms)
+    plan = attention._plan(45, M, d, 2 * 3, dtype, DEVICE, backward=True)
+    assert plan.single_kv == way.endswith("one key block") and plan.key_parallel == (way == "keys")
+    check_case(2, 45, M, 3, d, dtype, deterministic)
+
+
+@pytest.mark.parametrize("way", ["one key block", "queries, keys looped", "keys"])
+def test_bias_partial_rows(way, sm_count):
+    """q_part row b * P + p sums the query blocks p, p + P, ... of batch b (program p's, P programs per head);
+    kv_part rows sum BLOCK_R-row tiles of dkv (B*M, 2*h*d), key-parallel key block j of batch b at row
+    b * cdiv(M, BLOCK_M) + j."""
+    B, N, h, d, dtype = 2, 45, 3, 24, F32
+    M, sms, _ = WAYS[way]
+    sm_count(sms)
+    plan = attention._plan(N, M, d, B * h, dtype, DEVICE, backward=True)
+    q, k, v, do = make_inputs(B, N, M, h, d, dtype)
+    o, lse = attention.attention_forward(q, k, v, d**-0.5)
+    dq, dkv, q_part, kv_part = attention.attention_backward(do, q, k, v, o, lse, d**-0.5, True, True)
+
+    def block_sums(x, rows):  # x (G, L, C) -> (G * cdiv(L, rows), C): sums of row blocks of each group
+        G, L, C = x.shape
+        padded = torch.cat((x.double(), x.new_zeros(G, -L % rows, C, dtype=torch.float64)), 1)
+        return padded.view(G, -1, rows, C).sum(2).flatten(0, 1)
+
+    query_blocks = block_sums(dq.view(B, N, h * d), plan.block_n).view(B, -1, h * d)
+    P = plan.num_programs
+    assert 1 <= P <= query_blocks.shape[1]
+    want = torch.stack([query_blocks[:, p::P].sum(1) for p in range(P)], 1).flatten(0, 1)
+    torch.testing.assert_close(q_part.double(), want, rtol=1e-5, atol=1e-5)
+    if plan.key_parallel:
+        want = block_sums(dkv.view(B, M, 2 * h * d), plan.block_m)
+    else:
+        want = block_sums(dkv.view(1, B * M, 2 * h * d), attention._sum_blocks(2 * h * d)[0])
+    torch.testing.assert_close(kv_part.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("way", ["one key block", "keys", "atomic, keys looped"])
+def test_bias_partials_off_leaves_the_gradients_alone(way, sm_count):
+    """bias_partials=False: (0, h*d) and (0, 2*h*d) partials, and dq, dkv bit-identical to those with partials."""
+    M, sms, deterministic = WAYS[way]
+    sm_count(sms)
+    B, N, h, d = 2, 45, 3, 40
+    q, k, v, do = make_inputs(B, N, M, h, d, BF16)
+    o, lse = attention.attention_forward(q, k, v, d**-0.5)
+    dq, dkv, q_part, kv_part = attention.attention_backward(do, q, k, v, o, lse, d**-0.5, deterministic)
+    assert q_part.shape == (0, h * d) and kv_part.shape == (0, 2 * h * d)
+    assert q_part.dtype == kv_part.dtype == torch.float32
+    with_partials = attention.attention_backward(do, q, k, v, o, lse, d**-0.5, deterministic, True)
+    assert torch.equal(dq, with_partials[0]) and torch.equal(dkv, with_partials[1])
+
+
 def test_general_strides():
     """Non-unit last-dim strides for q, k, v and a transposed dO are read in place."""
     B, N, M, h, d = 2, 40, 20, 2, 32
@@ -135,29 +221,49 @@ def test_nan_propagates(M, dtype, operand):
     torch.testing.assert_close(o[finite].double(), expected[finite], rtol=0, atol=FLOOR[dtype] * 4)
 
 
-def test_backward_is_deterministic():
-    """Several dK/dV partials, reduced in a fixed order: two runs agree bit for bit."""
-    B, N, M, h, d = 1, (20000 if DEVICE.type == "cuda" else 300), 49, 1, 64
+@pytest.mark.parametrize("M,sms", [(49, None), (150, 10**6), (150, 1)])
+def test_backward_is_deterministic(M, sms, sm_count):
+    """Several dK/dV partials, reduced in a fixed order, and the bias partials (one key block, looped keys
+    query-parallel and key-parallel): two runs agree bit for bit."""
+    if sms is not None:
+        sm_count(sms)
+    B, N, h, d = 1, (20000 if DEVICE.type == "cuda" else 300), 1, 64
     plan = attention._plan(N, M, d, B * h, BF16, DEVICE, backward=True)
-    assert plan.num_programs > 1
+    assert plan.num_programs > 1 and plan.key_parallel == (sms == 1)
     q, k, v, do = make_inputs(B, N, M, h, d, BF16)
     o, lse = attention.attention_forward(q, k, v, d**-0.5)
-    first = attention.attention_backward(do, q, k, v, o, lse, d**-0.5)
-    second = attention.attention_backward(do, q, k, v, o, lse, d**-0.5)
+    first = attention.attention_backward(do, q, k, v, o, lse, d**-0.5, True, True)
+    second = attention.attention_backward(do, q, k, v, o, lse, d**-0.5, True, True)
+    assert first[2].shape[0] > 1 and first[3].shape[0] > 1
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
 def test_empty_inputs_launch_nothing(monkeypatch):
-    for kernel in ("_fwd_kernel", "_bwd_kernel", "_bwd_delta_kernel", "_sum_partials_kernel"):
+    for kernel in ("_fwd_kernel", "_bwd_kernel", "_bwd_delta_kernel", "_sum_partials_kernel", "_bwd_dq_kernel",
+                   "_bwd_dkdv_kernel"):
         monkeypatch.setattr(attention, kernel, None)  # a launch would raise TypeError
     for B, N in ((0, 5), (2, 0)):
         q, k, v, do = make_inputs(B, N, 7, 2, 32, F32)
         o, lse = attention.attention_forward(q, k, v, 0.2)
         assert o.shape == (B, N, 2, 32) and lse.shape == (B, 2, N)
-        dq, dk, dv = attention.attention_backward(do, q, k, v, o, lse, 0.2)
-        assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
-        assert not dk.any() and not dv.any()
+        dq, dkv, q_part, kv_part = attention.attention_backward(do, q, k, v, o, lse, 0.2, True, True)
+        assert dq.shape == q.shape and dkv.shape == (B, 7, 2, 2, 32)
+        assert not dq.any() and not dkv.any()
+        assert q_part.shape[1:] == (64,) and kv_part.shape[1:] == (128,)
+        assert not q_part.sum(0).any() and not kv_part.sum(0).any()
+
+
+def test_backward_op_fake_matches(sm_count):
+    """The registered backward op's fake gives the kernels' shapes, partial rows included (query- and
+    key-parallel)."""
+    for sms in (10**6, 1):
+        sm_count(sms)
+        q, k, v, do = make_inputs(2, 45, 150, 3, 24, BF16)
+        o, lse = attention.attention_forward(q, k, v, 0.2)
+        for bias_partials in (False, True):
+            args = (do, q, k, v, o, lse, 0.2, True, bias_partials)
+            torch.library.opcheck(attention.reduced_kv_attention_backward_op, args)
 
 
 def test_rejects_what_the_kernels_cannot_run():

@@ -162,25 +162,24 @@ def test_errors(call, message):
 
 def test_triton_path_bytes_by_hand():
     """B=2, 8x8 tokens, C=32, sr=2 (M=16), bf16 forward, launch by launch (elements x 2 bytes):
-    q GEMM reads x, W, b (4096 + 1024 + 32) and writes 4096; the tap-major weight copy 4096 / 4096;
+    q GEMM reads x, W, b (4096 + 1024 + 32) and writes 4096 (the conv weight is read in place: channels_last);
     the reduction's patch GEMM reads the patches and weight (4096 + 4096) and writes its fp32 sums (4096 bytes),
     its LayerNorm kernel reads them, the conv bias, LN weight and bias (96) and writes y and z (2 x 1024) +
     mean/rstd (256 bytes); kv GEMM 1024 + 2048 + 64 / 2048; attention reads q, k, v
     (4096 + 2048) and writes o (4096) + the log-sum-exp (512 bytes); proj like q."""
     shape = SRAShape(2, 8, 8, 32, 1, sr_ratio=2)
     cost = sra_attention_cost(shape, torch.bfloat16, "forward")
-    read = (5152 + 4096 + 8288 + 3136 + 6144 + 5152) * 2 + 4096
-    written = (4096 + 4096 + 2048 + 2048 + 4096 + 4096) * 2 + 256 + 512 + 4096
+    read = (5152 + 8288 + 3136 + 6144 + 5152) * 2 + 4096
+    written = (4096 + 2048 + 2048 + 4096 + 4096) * 2 + 256 + 512 + 4096
     assert cost.cublas_projections == Cost(cost.unfused.flops, read, written)
-    assert [name for name, _, _ in cost.cublas_projections_ops] == ["q", "conv_weight_layout", "reduce", "reduce_norm",
-                                                                     "kv", "attention", "proj"]
+    assert [name for name, _, _ in cost.cublas_projections_ops] == ["q", "reduce", "reduce_norm", "kv", "attention",
+                                                                     "proj"]
     # fused projections, inference: the reduction also reads W_kv, b_kv (2048 + 64) and writes kv (2048);
     # one kernel reads x, k, v and both weights + biases (4096 + 2048 + 2112) and writes the output (4096)
-    read = (4096 + 8288 + 2112 + 8256) * 2 + 4096
-    written = (4096 + 2048 + 2048 + 4096) * 2 + 256 + 4096
+    read = (8288 + 2112 + 8256) * 2 + 4096
+    written = (2048 + 2048 + 4096) * 2 + 256 + 4096
     assert cost.fused_projections == Cost(cost.unfused.flops, read, written)
-    assert [name for name, _, _ in cost.fused_projections_ops] == ["conv_weight_layout", "reduce", "reduce_norm_kv",
-                                                                      "projected_attention"]
+    assert [name for name, _, _ in cost.fused_projections_ops] == ["reduce", "reduce_norm_kv", "projected_attention"]
 
 
 def test_one_kernel_self_attention_bytes_by_hand():

@@ -35,13 +35,11 @@ def test_the_fused_projection_path_is_for_16_bit_and_narrow_x():
 
 
 @pytest.mark.parametrize("path, sr, linear, N, route, forward", [
-    ("cublas_projections", 8, False, 4096, "reduce_attend", ["q", "conv_weight_layout", "reduce", "reduce_norm", "kv",
-                                                              "attention", "proj"]),
-    ("cublas_projections", 1, True, 4096, "reduce_attend", ["q", "pool", "conv_weight_layout", "reduce",
-                                                             "reduce_norm", "kv", "attention", "proj"]),
+    ("cublas_projections", 8, False, 4096, "reduce_attend", ["q", "reduce", "reduce_norm", "kv", "attention", "proj"]),
+    ("cublas_projections", 1, True, 4096, "reduce_attend", ["q", "pool", "reduce", "reduce_norm", "kv", "attention",
+                                                             "proj"]),
     ("cublas_projections", 1, False, 49, "attend", ["q", "kv", "attention", "proj"]),
-    ("fused_projections", 4, False, 4096, "reduce_project_attend", ["conv_weight_layout", "reduce", "reduce_norm_kv",
-                                                                     "projected_attention"]),
+    ("fused_projections", 4, False, 4096, "reduce_project_attend", ["reduce", "reduce_norm_kv", "projected_attention"]),
     ("fused_projections", 1, False, 64, "project_attend_self", ["projected_self_attention"]),
     ("fused_projections", 1, False, 65, "kv_project_attend", ["kv", "projected_attention"]),
     ("sdpa", 8, False, 4096, "sdpa", []),
@@ -233,7 +231,7 @@ def test_explain_prints_every_stage(capsys):
     assert main(["--explain", "pvt_v2_b2", "--img-size", "512", "512", "--batch", "16", "--capability", "9.0"]) == 0
     out = capsys.readouterr().out
     assert out.count("stage ") == 4 and out.count("path    sdpa") == 3
-    assert "path    cublas_projections: q GEMM, reduction kernel" in out and "runs    q, conv_weight_layout" in out
+    assert "path    cublas_projections: q GEMM, reduction kernel" in out and "runs    q, reduce, reduce_norm" in out
     assert "measured on NVIDIA H200" in out
 
 

@@ -256,19 +256,24 @@ def test_native_sweep(B, H, W, C, sr, linear, dtype):
 
 @pytest.mark.parametrize("linear,sr", [(False, 4), (True, 1)])
 def test_backward_accumulates_into_given_dx(linear, sr, kernel_device):
-    """spatial_reduce_backward_into: the gradient is added in place to what the buffer holds (tokens the conv never
-    reads keep it unchanged), and that buffer is returned as dx."""
+    """project_and_reduce_backward: the reduction's gradient is added in place to the q path's dx (grad_q @ W_q,
+    here grad_q with an identity W_q; tokens the conv never reads keep it unchanged); its weight gradient and its
+    norm / conv-bias partials, once finished, are the standalone backward's bit for bit."""
+    from sra_kernels.ops.column_sum import finish_column_sums
+
     B, H, W, C = 2, 9, 11, 32
     inputs, grad = _problem(B, H, W, C, sr, linear, torch.float32, kernel_device)
-    y, saved, (dx, *param_grads) = _kernels(inputs, grad, H, W, sr, linear)
-    x, *params = inputs
+    y, saved, (dx, d_weight, *param_grads) = _kernels(inputs, grad, H, W, sr, linear)
+    x, weight, bias, norm_weight, norm_bias = inputs
     other = torch.randn_like(x)
-    buffer = other.clone()
-    dx_acc, *param_grads_acc = sr_ops.spatial_reduce_backward_into(buffer, grad, x, H, W, *params, *saved, sr,
-                                                                   linear, EPS)
-    assert dx_acc.data_ptr() == buffer.data_ptr()
+    eye = torch.eye(C, device=x.device)
+    dx_acc, d_weight_acc, norm_part = sr_ops.project_and_reduce_backward(
+        other, grad, x, H, W, eye, weight, norm_weight, norm_bias, *saved, sr, linear, EPS)
     torch.testing.assert_close(dx_acc, other + dx, rtol=1e-6, atol=1e-6)
-    for a, b in zip(param_grads_acc, param_grads):
+    assert torch.equal(d_weight_acc, d_weight)
+    finished = [torch.empty(C, device=x.device) for _ in range(3)]
+    finish_column_sums(list(norm_part), finished)
+    for a, b in zip(finished, (param_grads[1], param_grads[2], param_grads[0])):  # gamma, beta, conv bias
         assert torch.equal(a, b)
 
 

@@ -118,13 +118,16 @@ def _op_samples(device):
     C, sr = 32, 2
     x, weights = _problem(2, 6, 5, C, sr, False, device, torch.float32)
     lin_x, lin_weights = _problem(1, 8, 9, C, 1, True, device, torch.float32)
+    self_x, self_weights = _problem(2, 5, 4, C, 1, False, device, torch.float32)
+    no_biases = [None if i % 2 else w for i, w in enumerate(self_weights[:6])]
     q, k, v = (torch.randn(2, n, 2, 16, device=device) for n in (30, 6, 6))
     return [
         (torch.ops.sra_kernels.spatial_reduce.default, (x, 6, 5, *weights[6:], sr, False, 1e-5)),
         (torch.ops.sra_kernels.spatial_reduce.default, (lin_x, 8, 9, *lin_weights[6:], 1, True, 1e-5)),
-        (torch.ops.sra_kernels.project_and_reduce.default, (x, 6, 5, *weights[:2], *weights[6:], sr, False, 1e-5)),
-        (torch.ops.sra_kernels.project_and_reduce.default,
-         (lin_x, 8, 9, lin_weights[0], None, *lin_weights[6:], 1, True, 1e-5)),
+        (torch.ops.sra_kernels.sra.default, (x, 6, 5, *weights, sr, False, 1e-5, 2, 0.25, True)),
+        (torch.ops.sra_kernels.sra.default, (lin_x, 8, 9, *lin_weights, 1, True, 1e-5, 2, 0.25, True)),
+        (torch.ops.sra_kernels.sra.default, (self_x, 5, 4, *no_biases, *self_weights[6:], 1, False, 1e-5, 4, 0.3,
+                                             True)),
         (torch.ops.sra_kernels.reduced_kv_attention.default, (q, k, v, 0.25, True)),
     ]
 
@@ -140,20 +143,22 @@ def test_opcheck_backward_ops(kernel_device):
     for op, args in _op_samples(kernel_device):
         outputs = op(*args)
         grad = torch.randn_like(outputs[0])
+        if op is torch.ops.sra_kernels.sra.default:
+            continue  # its backward is the backward ops checked here and in tests/test_column_sum.py
         if op is torch.ops.sra_kernels.reduced_kv_attention.default:
             q, k, v, scale, deterministic = args
-            backward_args = (grad, q, k, v, *outputs, scale, deterministic)
-            backward = torch.ops.sra_kernels.reduced_kv_attention_backward.default
-        elif op is torch.ops.sra_kernels.project_and_reduce.default:
-            x, H, W, q_weight, _, *params, sr, linear, eps = args
-            backward_args = (grad, torch.randn_like(outputs[1]), x, H, W, q_weight, *params, *outputs[2:],
-                             sr, linear, eps)
-            backward = torch.ops.sra_kernels.project_and_reduce_backward.default
+            checks = [(torch.ops.sra_kernels.reduced_kv_attention_backward.default,
+                       (grad, q, k, v, *outputs, scale, deterministic, partials)) for partials in (False, True)]
         else:
-            x, H, W, *params, sr, linear, eps = args
-            backward_args = (grad, x, H, W, *params, *outputs[1:], sr, linear, eps)
-            backward = torch.ops.sra_kernels.spatial_reduce_backward.default
-        torch.library.opcheck(backward, backward_args)
+            x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr, linear, eps = args
+            q_weight = torch.randn(x.shape[-1], x.shape[-1], device=x.device)
+            checks = [(torch.ops.sra_kernels.spatial_reduce_backward.default,
+                       (grad, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, *outputs[1:], sr, linear, eps)),
+                      (torch.ops.sra_kernels.project_and_reduce_backward.default,
+                       (torch.randn_like(x), grad, x, H, W, q_weight, sr_weight, norm_weight, norm_bias, *outputs[1:],
+                        sr, linear, eps))]
+        for backward, backward_args in checks:
+            torch.library.opcheck(backward, backward_args)
 
 
 @pytest.mark.parametrize("save", [True, False])
@@ -519,8 +524,8 @@ def test_double_backward_under_torch_compile_raises(kernel_device):
 
 def test_backward_materialises_no_zero_gradients(kernel_device):
     """Autograd gets told not to zero-fill gradients for the outputs nothing differentiates (LayerNorm statistics,
-    saved tensors, the log-sum-exp), and k, v are an unbind of the kv projection (its backward stacks dk and dv
-    in one kernel): a reducing stage's backward makes no zero fill, where it made 7."""
+    saved tensors, the log-sum-exp), and dk, dv come as one kv-shaped buffer: a reducing stage's backward makes no
+    zero fill (it made 7) and no stack or cat of dk and dv."""
     from torch.profiler import ProfilerActivity, profile
 
     module = SpatialReductionAttention(32, 2, qkv_bias=True, sr_ratio=2, backend="triton").to(kernel_device)
@@ -529,5 +534,5 @@ def test_backward_materialises_no_zero_gradients(kernel_device):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out.backward(torch.ones_like(out))
     names = [event.name for event in prof.events()]
-    assert names.count("aten::zeros") == 0 and names.count("aten::stack") == 1
+    assert names.count("aten::zeros") == names.count("aten::stack") == names.count("aten::cat") == 0
     assert x.grad is not None and all(p.grad is not None for p in module.parameters())

@@ -15,6 +15,9 @@ from ..options import check_backend_name
 
 STATE = "_sra_kernels_options"
 """The instance attribute of a patched module: the :func:`sra_attention` options its forward runs with."""
+RELAID = "_sra_kernels_channels_last"
+"""The instance attribute of a patched module: its parameters that patching made channels_last (unpatch makes them
+contiguous again, so that the host's own conv runs bit for bit as before)."""
 
 
 def check_options(backend: str, fuse_projections: bool | None, deterministic: bool | None,
@@ -39,19 +42,26 @@ def patch_instances(model: nn.Module, classes: tuple[type, ...], forward_of: Cal
     names = []
     for name, module in model.named_modules():
         if isinstance(module, classes):
-            module.to(memory_format=torch.channels_last)  # only 4-D parameters change: the sr conv's weight
+            relaid = vars(module).get(RELAID, [])
+            for param in module.parameters():  # the sr conv's weight: the only 4-D parameter
+                if param.dim() == 4 and not param.is_contiguous(memory_format=torch.channels_last):
+                    param.data = param.data.contiguous(memory_format=torch.channels_last)
+                    relaid.append(param)
             module.forward = types.MethodType(forward_of(module), module)
+            module.__dict__[RELAID] = relaid
             setattr(module, STATE, dict(options))
             names.append(name)
     return names
 
 
 def unpatch(model: nn.Module) -> list[str]:
-    """Restore the class forward of every module of ``model`` that a ``patch_*`` function patched;
-    returns their qualified names."""
+    """Restore the class forward of every module of ``model`` that a ``patch_*`` function patched, and the layout
+    of the parameters patching relaid; returns their qualified names."""
     names = []
     for name, module in model.named_modules():
         if hasattr(module, STATE):
+            for param in module.__dict__.pop(RELAID):
+                param.data = param.data.contiguous()
             del module.forward, module.__dict__[STATE]
             names.append(name)
     return names

@@ -7,11 +7,13 @@ scaled scores, lse (B, h, N) fp32, which the backward uses to recompute the prob
 
 When the keys of one (batch, head) fit in one block, a program loads K and V once and streams its
 share of query blocks through them (persistent over query blocks); longer key sets loop over key
-blocks. The backward is parallel over query blocks when N >> M: dQ is written directly, and every
-program sums its queries' dK/dV into one fp32 partial, reduced in a fixed order by a second kernel
-(or, opt-in, added with fp32 atomics). When the key blocks alone fill the GPU (N ~ M) it is key-parallel
-instead: one kernel writes dQ (and delta, from the dO and O tiles it loads), a second sums each key block's
-dK/dV over all queries in order, straight into dK, dV. Both are deterministic.
+blocks. The backward writes dQ (B, N, h, d) and one dKV (B, M, 2, h, d) buffer (dK and dV, laid out as the
+kv = x @ W_kv^T projection they are the gradient of). It is parallel over query blocks when N >> M: dQ is
+written directly, and every program sums its queries' dK/dV into one fp32 partial, reduced in a fixed order by a
+second kernel into dKV (or, opt-in, added with fp32 atomics). When the key blocks alone fill the GPU (N ~ M) it is
+key-parallel instead: one kernel writes dQ (and delta, from the dO and O tiles it loads), a second sums each key
+block's dK/dV over all queries in order, straight into dKV. Both are deterministic. On request the kernels that
+write dQ and dKV also write fp32 partial column sums of them (the q and kv projections' bias gradients).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 from ..validation import KERNEL_DTYPES, KERNEL_MAX_HEAD_DIM
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
-from .registration import register
+from .registration import fake_rows, register
 
 GRID_Y_MAX = 65535
 """CUDA's limit on a launch grid's y (and z) dimension."""
@@ -68,6 +70,15 @@ def _store_tile(base, tile, rows, cols, stride_r, n_rows, n_cols):
     ptrs = base + rows.to(tl.int64)[:, None] * stride_r + cols[None, :]
     tl.store(ptrs, rounded_cast(tile, base.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _store_tile_and_sums(base, sums, tile, rows, cols, stride_r, n_rows, n_cols, SUMS: tl.constexpr):
+    """_store_tile of the fp32 tile; with SUMS also sums[c] = its column sums (fp32, before the cast) for c in cols,
+    c < n_cols: one row of bias-gradient partials. The tile's rows past n_rows must be zeros."""
+    _store_tile(base, tile, rows, cols, stride_r, n_rows, n_cols)
+    if SUMS:
+        tl.store(sums + cols, tl.sum(tile, 0), mask=cols < n_cols)
 
 
 @triton.jit
@@ -151,7 +162,7 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, key_valid, qk_scale):
 
 @triton.jit
 def _store_dkv(dk_base, dkv_stride, dk, dv, rows, cols, row_stride, M, D, ATOMIC: tl.constexpr):
-    """Write (or atomically add) a (BM, BD) dK / dV partial; dV lies dkv_stride elements after dK."""
+    """Write (or atomically add) a (BM, BD) fp32 dK / dV partial; dV lies dkv_stride elements after dK."""
     ptrs = dk_base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
     mask = (rows[:, None] < M) & (cols[None, :] < D)
     if ATOMIC:
@@ -266,30 +277,31 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, DKV,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DKV, QP,
     sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
     so_b, so_n, so_h, so_d, sdo_b, sdo_n, sdo_h, sdo_d,
-    N, M, H, D, scale, qk_scale, partial_stride, dkv_stride,
+    N, M, H, D, scale, qk_scale, partial_stride,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE_KV: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+    SINGLE_KV: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, BIAS_PARTIALS: tl.constexpr,
 ):
     """Grid (B*h, P): program (bh, p) handles query blocks p, p + P, ... of one (batch, head).
 
-    Writes DQ (B, N, h, d) contiguous and its dK/dV sums into DKV (num_partials, 2, B, M, h, d) fp32
-    at partial p (partial_stride = 0 when ATOMIC: all programs add into one); the dV half lies
-    dkv_stride elements after the dK half. With SINGLE_KV, K and V stay loaded
-    and one pass gives dQ, dK and dV; otherwise a dQ pass (keys inner) is followed by a dK/dV pass
-    (query blocks inner), and delta comes from DELTA (B, h, N).
+    Writes DQ (B, N, h, d) contiguous and its dK/dV sums into DKV (num_partials, B, M, 2, h, d) fp32
+    at partial p (partial_stride = 0 when ATOMIC: all programs add into one). With SINGLE_KV, K and V stay
+    loaded and one pass gives dQ, dK and dV; otherwise a dQ pass (keys inner) is followed by a dK/dV pass
+    (query blocks inner), and delta comes from DELTA (B, h, N). With BIAS_PARTIALS, the column sums of the
+    program's dQ over all its query blocks go to row b * P + p, columns head * d + c, of QP (B * P, h*d) fp32.
     """
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     num_q = tl.num_programs(1)
     b, hh, q_base, k_base, v_base, o_base, do_base, dq_base, lse_row, delta_row = _backward_bases(
         pid_bh, N, H, D, Q, sq_b, sq_h, K, sk_b, sk_h, V, sv_b, sv_h, O, so_b, so_h, DO, sdo_b, sdo_h, DQ, LSE, DELTA)
-    dk_base = DKV + pid_q.to(tl.int64) * partial_stride + b * M * H * D + hh * D
+    dk_base = DKV + pid_q.to(tl.int64) * partial_stride + b * M * 2 * H * D + hh * D
     cols = tl.arange(0, BLOCK_D)
     keys = tl.arange(0, BLOCK_M)
     num_qb = tl.cdiv(N, BLOCK_N)
+    dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     if SINGLE_KV:
         k = _load_tile(k_base, keys, cols, sk_m, sk_d, M, D, UPCAST)
         v = _load_tile(v_base, keys, cols, sv_m, sv_d, M, D, UPCAST)
@@ -302,65 +314,79 @@ def _bwd_kernel(
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, keys < M, qk_scale)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")
-            dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            _store_tile(dq_base, dq * scale, rows, cols, H * D, N, D)
-        _store_dkv(dk_base, dkv_stride, dk * scale, dv, keys, cols, H * D, M, D, ATOMIC)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
+            _store_tile(dq_base, dq, rows, cols, H * D, N, D)
+            dq_sum += tl.sum(dq, 0)  # padded query rows are zeros
+        _store_dkv(dk_base, H * D, dk * scale, dv, keys, cols, 2 * H * D, M, D, ATOMIC)
     else:
         for qb in range(pid_q, num_qb, num_q):
             rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
             q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
                                                   lse_row, delta_row, rows, cols, N, D, False, UPCAST)
             dq = _dq_over_keys(q, do, lse2, delta, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
-                               BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
-            _store_tile(dq_base, dq * scale, rows, cols, H * D, N, D)
+                               BLOCK_N, BLOCK_M, BLOCK_D, UPCAST) * scale
+            _store_tile(dq_base, dq, rows, cols, H * D, N, D)
+            dq_sum += tl.sum(dq, 0)
         for start_m in range(0, M, BLOCK_M):
             k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
             v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
             dk, dv = _dkdv_over_queries(k, v, start_m + keys < M, q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, lse_row,
                                         delta_row, cols, pid_q, num_qb, num_q, N, D, qk_scale,
                                         BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
-            _store_dkv(dk_base, dkv_stride, dk * scale, dv, start_m + keys, cols, H * D, M, D, ATOMIC)
+            _store_dkv(dk_base, H * D, dk * scale, dv, start_m + keys, cols, 2 * H * D, M, D, ATOMIC)
+    if BIAS_PARTIALS:
+        tl.store(QP + (b * num_q + pid_q) * H * D + hh * D + cols, dq_sum, mask=cols < D)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ, QP,
     sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
     so_b, so_n, so_h, so_d, sdo_b, sdo_n, sdo_h, sdo_d,
     N, M, H, D, scale, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    BIAS_PARTIALS: tl.constexpr,
 ):
     """Key-parallel backward, first kernel. Grid (B*h, P): program (bh, p) handles query blocks p, p + P, ...
 
     Computes delta = rowsum(dO * O) from the tiles it loads (writing DELTA (B, h, N) fp32 for the dK/dV kernel)
-    and writes DQ (B, N, h, d) contiguous, looping over all keys.
+    and writes DQ (B, N, h, d) contiguous, looping over all keys; with BIAS_PARTIALS also QP as ``_bwd_kernel``
+    (row b * P + p: the sums over the program's query blocks).
     """
     pid_bh = tl.program_id(0)
     b, hh, q_base, k_base, v_base, o_base, do_base, dq_base, lse_row, delta_row = _backward_bases(
         pid_bh, N, H, D, Q, sq_b, sq_h, K, sk_b, sk_h, V, sv_b, sv_h, O, so_b, so_h, DO, sdo_b, sdo_h, DQ, LSE, DELTA)
     cols = tl.arange(0, BLOCK_D)
     keys = tl.arange(0, BLOCK_M)
+    dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     for qb in range(tl.program_id(1), tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
         rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
         q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
                                               lse_row, delta_row, rows, cols, N, D, True, UPCAST)
         tl.store(delta_row + rows, delta, mask=rows < N)
         dq = _dq_over_keys(q, do, lse2, delta, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
-                           BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
-        _store_tile(dq_base, dq * scale, rows, cols, H * D, N, D)
+                           BLOCK_N, BLOCK_M, BLOCK_D, UPCAST) * scale
+        _store_tile(dq_base, dq, rows, cols, H * D, N, D)
+        dq_sum += tl.sum(dq, 0)  # padded query rows are zeros
+    if BIAS_PARTIALS:
+        row = b * tl.num_programs(1) + tl.program_id(1)
+        tl.store(QP + row * H * D + hh * D + cols, dq_sum, mask=cols < D)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DKV, KVP,
     sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
     sdo_b, sdo_n, sdo_h, sdo_d,
     N, M, H, D, scale, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    BIAS_PARTIALS: tl.constexpr,
 ):
     """Key-parallel backward, second kernel. Grid (B*h, cdiv(M, BLOCK_M)): program (bh, kb) owns key block kb
-    and sums its dK, dV over every query, in order, straight into DK, DV (B, M, h, d) contiguous in their dtype
-    (no partials); delta comes from DELTA (B, h, N) written by ``_bwd_dq_kernel``.
+    and sums its dK, dV over every query, in order, straight into DKV (B, M, 2, h, d) contiguous in its dtype
+    (no partials); delta comes from DELTA (B, h, N) written by ``_bwd_dq_kernel``. With BIAS_PARTIALS, the key
+    block's dK and dV column sums go to row b * cdiv(M, BLOCK_M) + kb, columns head * d + c and h*d + head * d + c,
+    of KVP (B * cdiv(M, BLOCK_M), 2*h*d) fp32.
     """
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -375,24 +401,27 @@ def _bwd_dkdv_kernel(
     v = _load_tile(V + b * sv_b + hh * sv_h, keys, cols, sv_m, sv_d, M, D, UPCAST)
     dk, dv = _dkdv_over_queries(k, v, keys < M, q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, lse_row, delta_row, cols,
                                 0, tl.cdiv(N, BLOCK_N), 1, N, D, qk_scale, BLOCK_N, BLOCK_M, BLOCK_D, UPCAST)
-    _store_tile(DK + b * M * H * D + hh * D, dk * scale, keys, cols, H * D, M, D)
-    _store_tile(DV + b * M * H * D + hh * D, dv, keys, cols, H * D, M, D)
+    dkv_base = DKV + b * M * 2 * H * D + hh * D
+    kvp_base = KVP + (b * tl.num_programs(1) + tl.program_id(1)) * 2 * H * D + hh * D
+    _store_tile_and_sums(dkv_base, kvp_base, dk * scale, keys, cols, 2 * H * D, M, D, BIAS_PARTIALS)
+    _store_tile_and_sums(dkv_base + H * D, kvp_base + H * D, dv, keys, cols, 2 * H * D, M, D, BIAS_PARTIALS)
 
 
 @triton.jit
-def _sum_partials_kernel(DKV, DK, DV, num_partials, numel, partial_stride, BLOCK: tl.constexpr):
-    """DK, DV (numel,) = sum over p, in order, of DKV (num_partials, 2, numel) fp32; cast to DK's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    ptrs = DKV + offs
-    dk = tl.zeros([BLOCK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK], dtype=tl.float32)
+def _sum_partials_kernel(PART, DKV, KVP, num_partials, R, C, partial_stride,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BIAS_PARTIALS: tl.constexpr):
+    """Grid (cdiv(R, BLOCK_R), cdiv(C, BLOCK_C)): DKV (R, C) = sum over p, in order, of PART (num_partials, R, C)
+    fp32, cast to DKV's dtype (R = B*M rows, C = 2*h*d columns). With BIAS_PARTIALS, row tile i's column sums go
+    to row i of KVP (cdiv(R, BLOCK_R), C) fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ptrs = PART + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    dkv = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for _ in range(num_partials):
-        dk += tl.load(ptrs, mask=mask, other=0.0)
-        dv += tl.load(ptrs + numel, mask=mask, other=0.0)
+        dkv += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += partial_stride
-    tl.store(DK + offs, rounded_cast(dk, DK.dtype.element_ty), mask=mask)
-    tl.store(DV + offs, rounded_cast(dv, DV.dtype.element_ty), mask=mask)
+    _store_tile_and_sums(DKV, KVP + tl.program_id(0).to(tl.int64) * C, dkv, rows, cols, C, R, C, BIAS_PARTIALS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,33 +540,48 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, scale: float, deterministic: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`attention_forward`.
+                       lse: torch.Tensor, scale: float, deterministic: bool = True, bias_partials: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`attention_forward`, and on request partial column sums of them for bias gradients.
 
     Args:
         do: (B, N, h, d) gradient of o, q's dtype, any strides.
         q, k, v, scale: the forward's inputs; o (B, N, h, d) and lse (B, h, N) its outputs.
         deterministic: reduce the per-program dK/dV partials in a fixed order (bit-reproducible);
             False adds them with fp32 atomics instead (less memory, order-dependent rounding).
+        bias_partials: also write the fp32 partial column sums q_part and kv_part.
 
     Returns:
-        dq (B, N, h, d), dk and dv (B, M, h, d): contiguous, in q.dtype.
+        dq (B, N, h, d) and dkv (B, M, 2, h, d), contiguous in q.dtype: dk = dkv[:, :, 0], dv = dkv[:, :, 1], so
+        that dkv.view(B*M, 2*h*d) is the gradient of the kv = x @ W_kv^T projection. q_part (Pq, h*d) and kv_part
+        (Pk, 2*h*d) fp32, whose rows sum to dq.view(-1, h*d).sum(0) and dkv.view(-1, 2*h*d).sum(0) of the fp32
+        values before their rounding to q.dtype (bias gradients of the q and kv projections). Row b * P + p of
+        q_part sums the query blocks program p of batch b's heads handled: Pq = B * P (P programs per head). Row i of
+        kv_part sums rows [i * BLOCK_R, (i + 1) * BLOCK_R) of dkv.view(B*M, 2*h*d), BLOCK_R = 4096 //
+        min(128, next_power_of_2(2*h*d)): Pk = cdiv(B*M, BLOCK_R); key-parallel, row b * cdiv(M, BLOCK_M) + j sums
+        key block j of batch b: Pk = B * cdiv(M, BLOCK_M). Without bias_partials, or when B*N*h*d = 0, both have
+        no rows.
     """
     B, N, H, D = q.shape
     M = k.shape[1]
     if B * N * H * D == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), k.new_zeros(k.shape)
+        return (q.new_zeros(q.shape), k.new_zeros((B, M, 2, H, D)), _bias_partials(0, H * D, False, q.device),
+                _bias_partials(0, 2 * H * D, False, q.device))
     _check_launchable(q)
     lse = lse.contiguous()
     plan = _plan(N, M, D, B * H, q.dtype, q.device, backward=True)
+    q_rows, kv_rows = _partial_rows(plan, B, N, M, H, D)
     dq = _empty((B, N, H, D), q.dtype, q.device)
+    dkv = _empty((B, M, 2, H, D), q.dtype, q.device)
+    q_part = _bias_partials(q_rows, H * D, bias_partials, q.device)
+    kv_part = _bias_partials(kv_rows, 2 * H * D, bias_partials, q.device)
     if plan.key_parallel:
-        return _key_parallel_backward(do, q, k, v, o, lse, dq, scale, plan)
+        _key_parallel_backward(do, q, k, v, o, lse, dq, dkv, q_part, kv_part, scale, plan, bias_partials)
+        return dq, dkv, q_part, kv_part
     if deterministic:
-        dkv = _empty((plan.num_programs, 2, B, M, H, D), torch.float32, q.device)
+        partials = _empty((plan.num_programs, B, M, 2, H, D), torch.float32, q.device)
     else:
-        dkv = torch.zeros((1, 2, B, M, H, D), dtype=torch.float32, device=q.device)
+        partials = torch.zeros((1, B, M, 2, H, D), dtype=torch.float32, device=q.device)
     if plan.single_kv:
         delta = lse  # unused: the kernel computes delta from o itself
     else:
@@ -547,41 +591,55 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, UPCAST=INTERPRETED, num_warps=4,
         )
     _bwd_kernel[(B * H, plan.num_programs)](
-        q, k, v, o, do, lse, delta, dq, dkv,
+        q, k, v, o, do, lse, delta, dq, partials, q_part,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
-        N, M, H, D, scale, scale * LOG2E.value, dkv.stride(0) if deterministic else 0, dkv.stride(1),
+        N, M, H, D, scale, scale * LOG2E.value, partials.stride(0) if deterministic else 0,
         BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, SINGLE_KV=plan.single_kv,
-        ATOMIC=not deterministic, UPCAST=INTERPRETED, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        ATOMIC=not deterministic, UPCAST=INTERPRETED, BIAS_PARTIALS=bias_partials,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    dk = _empty((B, M, H, D), q.dtype, q.device)
-    dv = _empty((B, M, H, D), q.dtype, q.device)
-    block = 1024
-    _sum_partials_kernel[(cdiv(dk.numel(), block),)](
-        dkv, dk, dv, dkv.shape[0], dk.numel(), dkv.stride(0), BLOCK=block, num_warps=4,
+    block_r, block_c = _sum_blocks(2 * H * D)
+    _sum_partials_kernel[(cdiv(B * M, block_r), cdiv(2 * H * D, block_c))](
+        partials, dkv, kv_part, partials.shape[0], B * M, 2 * H * D, partials.stride(0),
+        BLOCK_R=block_r, BLOCK_C=block_c, BIAS_PARTIALS=bias_partials, num_warps=4,
     )
-    return dq, dk, dv
+    return dq, dkv, q_part, kv_part
 
 
-def _key_parallel_backward(do, q, k, v, o, lse, dq, scale, plan):
+def _sum_blocks(C: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of ``_sum_partials_kernel`` over C = 2*h*d columns: 4096-element fp32 tiles."""
+    block_c = min(128, next_power_of_2(C))
+    return 4096 // block_c, block_c
+
+
+def _partial_rows(plan: _Plan, B: int, N: int, M: int, H: int, D: int) -> tuple[int, int]:
+    """(Pq, Pk): rows of :func:`attention_backward`'s q and kv bias partials under ``plan``."""
+    kv_rows = B * cdiv(M, plan.block_m) if plan.key_parallel else cdiv(B * M, _sum_blocks(2 * H * D)[0])
+    return B * plan.num_programs, kv_rows
+
+
+def _bias_partials(rows: int, cols: int, wanted: bool, device: torch.device) -> torch.Tensor:
+    """(rows, cols) fp32 bias-gradient partials, which the kernels fully write; (0, cols) unless ``wanted``."""
+    return _empty((rows if wanted else 0, cols), torch.float32, device)
+
+
+def _key_parallel_backward(do, q, k, v, o, lse, dq, dkv, q_part, kv_part, scale, plan, bias_partials):
     """:func:`attention_backward` by two kernels: dQ (and delta) by query blocks, then dK, dV by key blocks."""
     B, N, H, D = q.shape
     M = k.shape[1]
     delta = _empty((B, H, N), torch.float32, q.device)
     common = dict(BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, UPCAST=INTERPRETED,
-                  num_warps=plan.num_warps, num_stages=plan.num_stages)
+                  BIAS_PARTIALS=bias_partials, num_warps=plan.num_warps, num_stages=plan.num_stages)
     _bwd_dq_kernel[(B * H, plan.num_programs)](
-        q, k, v, o, do, lse, delta, dq,
+        q, k, v, o, do, lse, delta, dq, q_part,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
         N, M, H, D, scale, scale * LOG2E.value, **common,
     )
-    dk = _empty((B, M, H, D), q.dtype, q.device)
-    dv = _empty((B, M, H, D), q.dtype, q.device)
     _bwd_dkdv_kernel[(B * H, cdiv(M, plan.block_m))](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dkv, kv_part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         N, M, H, D, scale, scale * LOG2E.value, **common,
     )
-    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,13 +653,28 @@ def _to_bhsd(shape):
     return (B, h, L, d)
 
 
+def _attention_backward_fake(grad_o, q, k, v, o, lse, scale, deterministic=True, bias_partials=False):
+    """Meta outputs of :func:`attention_backward`. The partials' rows come from the launch plan at concrete sizes;
+    at symbolic ones they are new dynamic sizes (only the finishing sum reads them), so nothing guards on the
+    sizes and a dynamic-shape graph stays dynamic."""
+    B, N, H, D = q.shape
+    M = k.shape[1]
+    rows = (0, 0)
+    if bias_partials:
+        rows = fake_rows(lambda B, N, M, H, D: _partial_rows(_plan(N, M, D, B * H, q.dtype, q.device, backward=True),
+                                                             B, N, M, H, D) if B * N * H * D else (0, 0),
+                         B, N, M, H, D, count=2)
+    return (q.new_empty(q.shape), q.new_empty((B, M, 2, H, D)), q.new_empty((rows[0], H * D), dtype=torch.float32),
+            q.new_empty((rows[1], 2 * H * D), dtype=torch.float32))
+
+
 reduced_kv_attention_backward_op, reduced_kv_attention_backward = register(
-    "reduced_kv_attention_backward", attention_backward,
-    fake=lambda grad_o, q, k, v, *rest: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)),
+    "reduced_kv_attention_backward", attention_backward, fake=_attention_backward_fake,
     flops=lambda grad_o_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(
         _to_bhsd(grad_o_shape), _to_bhsd(q_shape), _to_bhsd(k_shape), _to_bhsd(v_shape)))
-"""reduced_kv_attention_backward(grad_o, q, k, v, o, lse, scale, deterministic) -> (dq, dk, dv): the op of
-:func:`attention_backward`, also the backward of the fused-projection ops (:mod:`.projected_attention`)."""
+"""reduced_kv_attention_backward(grad_o, q, k, v, o, lse, scale, deterministic, bias_partials) -> (dq, dkv, q_part,
+kv_part): the op of :func:`attention_backward`, also the backward of the fused-projection ops
+(:mod:`.projected_attention`)."""
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, deterministic: bool
@@ -621,8 +694,8 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_autograd(ctx, grad_o, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = reduced_kv_attention_backward(grad_o, q, k, v, o, lse, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None
+    dq, dkv, _, _ = reduced_kv_attention_backward(grad_o, q, k, v, o, lse, ctx.scale, ctx.deterministic)
+    return dq, dkv[:, :, 0], dkv[:, :, 1], None, None
 
 
 reduced_kv_attention_op, reduced_kv_attention = register(

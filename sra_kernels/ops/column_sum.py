@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .interpreter import rounded_cast
 from .launch import cdiv, next_power_of_2
-from .registration import register
+from .registration import fake_rows, register
 
 _TARGET_PROGRAMS = 528
 """Programs the partial sums aim for: 4 waves of an H100 / H200's 132 SMs."""
@@ -103,17 +103,22 @@ def finish_column_sums(parts: list[torch.Tensor], outs: list[torch.Tensor]) -> N
                                                                    num_warps=4)
 
 
-def column_partials(x: torch.Tensor) -> torch.Tensor:
+def _partials_grid(R: int, C: int) -> tuple[int, int, int, int]:
+    """(rows per program, programs P, BLOCK_R, BLOCK_C) of the partials kernel over x (R, C)."""
+    block_r = 64 if C <= 128 else 16
+    block_c = _column_block(C)
+    rows_per_program = max(block_r, cdiv(cdiv(R, max(1, _TARGET_PROGRAMS // cdiv(C, block_c))), block_r) * block_r)
+    return rows_per_program, max(1, cdiv(R, rows_per_program)), block_r, block_c
+
+
+def _column_partials(x: torch.Tensor) -> torch.Tensor:
     """x (R, C), rows through their stride -> fp32 partial column sums (P, C) (rows of x in P fixed blocks),
     which :func:`finish_column_sums` adds up."""
     R, C = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    block_r = 64 if C <= 128 else 16
-    block_c = _column_block(C)
+    rows_per_program, programs, block_r, block_c = _partials_grid(R, C)
     col_blocks = cdiv(C, block_c)
-    rows_per_program = max(block_r, cdiv(cdiv(R, max(1, _TARGET_PROGRAMS // col_blocks)), block_r) * block_r)
-    programs = max(1, cdiv(R, rows_per_program))
     part = _alloc((programs, C), dtype=torch.float32, device=x.device)
     _column_partials_kernel[(programs, col_blocks)](x, part, R, C, rows_per_program, x.stride(0),
                                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
@@ -123,7 +128,7 @@ def column_partials(x: torch.Tensor) -> torch.Tensor:
 def _column_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (R, C) summed over its rows -> (C,) in ``dtype``; fp32 accumulation, deterministic."""
     out = _alloc((x.shape[1],), dtype=dtype, device=x.device)
-    finish_column_sums([column_partials(x)], [out])
+    finish_column_sums([_column_partials(x)], [out])
     return out
 
 
@@ -144,3 +149,10 @@ finish_column_sums_op, finish_column_sums_call = register(
     fake=lambda parts, like: [p.new_empty((p.shape[1],), dtype=t.dtype) for p, t in zip(parts, like)])
 """finish_column_sums(parts [(rows_g, C_g) fp32], like [tensors]) -> [(C_g,) in like[g]'s dtype]: the bias and
 norm-parameter gradients of one backward, from their partials, in one launch (traceable)."""
+
+
+column_partials_op, column_partials = register(
+    "column_partials", _column_partials,
+    fake=lambda x: x.new_empty((fake_rows(lambda R, C: _partials_grid(R, C)[1], *x.shape), x.shape[1]),
+                               dtype=torch.float32))
+"""column_partials(x (R, C)) -> (P, C) fp32 partial column sums for :func:`finish_column_sums` (traceable)."""

@@ -33,7 +33,7 @@ from .attention import (
     _to_bhsd,
     reduced_kv_attention_backward,
 )
-from .column_sum import column_sum
+from .column_sum import column_partials, finish_column_sums_call
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
 from .registration import register
@@ -230,16 +230,19 @@ def _projected_outputs_fake(x, heads, save):
 
 
 def _attention_and_projection_backward(grad_out, x, k, v, proj_weight, q, o, lse, scale, deterministic):
-    """(dq (B*N, C), dk, dv (B, M, h, d), dW_proj, db_proj) from dOut (B, N, C), shared by the three ops."""
+    """(dq (B*N, C), dkv (B, M, 2, h, d), dW_proj, then the fp32 partial column sums of dOut, dq and dkv: the out,
+    q and kv bias gradients once :func:`.column_sum.finish_column_sums` adds them up) from dOut (B, N, C), shared
+    by the three ops."""
     B, N, C = x.shape
     heads, head_dim = k.shape[2], k.shape[3]
     if q.numel() != x.numel():
         raise RuntimeError("the projected attention ran with save=False, so it cannot be differentiated")
     grad_out = grad_out.reshape(-1, C)
     do = (grad_out @ proj_weight).view(B, N, heads, head_dim)
-    dq, dk, dv = reduced_kv_attention_backward(do, q.view(B, N, heads, head_dim), k, v,
-                                               o.view(B, N, heads, head_dim), lse, scale, deterministic)
-    return dq.reshape(-1, C), dk, dv, grad_out.T @ o.reshape(-1, C), column_sum(grad_out, grad_out.dtype)
+    dq, dkv, q_part, kv_part = reduced_kv_attention_backward(do, q.view(B, N, heads, head_dim), k, v,
+                                                             o.view(B, N, heads, head_dim), lse, scale, deterministic,
+                                                             True)
+    return dq.reshape(-1, C), dkv, grad_out.T @ o.reshape(-1, C), column_partials(grad_out), q_part, kv_part
 
 
 def _projected_attention(
@@ -251,20 +254,21 @@ def _projected_attention(
 
 
 def _projected_attention_setup_context(ctx, inputs, output):
-    x, q_weight, _, k, v, proj_weight, _, scale, _, deterministic = inputs
+    x, q_weight, q_bias, k, v, proj_weight, proj_bias, scale, _, deterministic = inputs
     _, q, o, lse = output
-    ctx.save_for_backward(x, q_weight, k, v, proj_weight, q, o, lse)
+    ctx.save_for_backward(x, q_weight, q_bias, k, v, proj_weight, proj_bias, q, o, lse)
     ctx.scale, ctx.deterministic = scale, deterministic
     ctx.mark_non_differentiable(q, o, lse)
 
 
 def _projected_attention_autograd(ctx, grad_out, *_unused_grads):
-    x, q_weight, k, v, proj_weight, q, o, lse = ctx.saved_tensors
-    dq, dk, dv, d_proj_weight, d_proj_bias = _attention_and_projection_backward(
+    x, q_weight, q_bias, k, v, proj_weight, proj_bias, q, o, lse = ctx.saved_tensors
+    dq, dkv, d_proj_weight, out_part, q_part, _ = _attention_and_projection_backward(
         grad_out, x, k, v, proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
     dx = (dq @ q_weight).view(x.shape)
-    return (dx, dq.T @ x.reshape(-1, x.shape[-1]), column_sum(dq, dq.dtype), dk, dv, d_proj_weight, d_proj_bias,
-            None, None, None)
+    d_proj_bias, d_q_bias = finish_column_sums_call([out_part, q_part], [proj_bias, q_bias])
+    return (dx, dq.T @ x.reshape(-1, x.shape[-1]), d_q_bias, dkv[:, :, 0], dkv[:, :, 1], d_proj_weight,
+            d_proj_bias, None, None, None)
 
 
 def _projected_attention_flops(x_shape, q_weight_shape, q_bias_shape, k_shape, v_shape, *args, out_shape=None,
@@ -294,9 +298,9 @@ def _projected_self_attention(
 
 
 def _projected_self_attention_setup_context(ctx, inputs, output):
-    x, q_weight, _, kv_weight, kv_bias, proj_weight, _, heads, scale, _, deterministic = inputs
+    x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, heads, scale, _, deterministic = inputs
     _, q, o, lse = output
-    ctx.save_for_backward(x, q_weight, kv_weight, kv_bias, proj_weight, q, o, lse)
+    ctx.save_for_backward(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, q, o, lse)
     ctx.heads, ctx.scale, ctx.deterministic = heads, scale, deterministic
     ctx.mark_non_differentiable(q, o, lse)
 
@@ -304,16 +308,16 @@ def _projected_self_attention_setup_context(ctx, inputs, output):
 def _projected_self_attention_autograd(ctx, grad_out, *_unused_grads):
     """As ``projected_attention``'s, on k, v recomputed by one cuBLAS GEMM (the forward kernel never writes them;
     at N <= 64 rows per image the GEMM costs one more read of x than saving them would)."""
-    x, q_weight, kv_weight, kv_bias, proj_weight, q, o, lse = ctx.saved_tensors
+    x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, q, o, lse = ctx.saved_tensors
     B, N, C = x.shape
     x2d = x.reshape(-1, C)
     kv = torch.nn.functional.linear(x2d, kv_weight, kv_bias).view(B, N, 2, ctx.heads, C // ctx.heads)
-    dq, dk, dv, d_proj_weight, d_proj_bias = _attention_and_projection_backward(
+    dq, dkv, d_proj_weight, *parts = _attention_and_projection_backward(
         grad_out, x, kv[:, :, 0], kv[:, :, 1], proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
-    dkv = torch.cat((dk.reshape(-1, C), dv.reshape(-1, C)), 1)
+    dkv = dkv.view(-1, 2 * C)
     dx = torch.addmm(dq @ q_weight, dkv, kv_weight).view(B, N, C)
-    return (dx, dq.T @ x2d, column_sum(dq, dq.dtype), dkv.T @ x2d, column_sum(dkv, dkv.dtype), d_proj_weight,
-            d_proj_bias, None, None, None, None)
+    d_proj_bias, d_q_bias, d_kv_bias = finish_column_sums_call(parts, [proj_bias, q_bias, kv_bias])
+    return (dx, dq.T @ x2d, d_q_bias, dkv.T @ x2d, d_kv_bias, d_proj_weight, d_proj_bias, None, None, None, None)
 
 
 def _projected_self_attention_flops(x_shape, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape,
@@ -359,10 +363,11 @@ def _projected_sra_fake(x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weig
 
 
 def _projected_sra_setup_context(ctx, inputs, output):
-    (x, H, W, q_weight, _, kv_weight, _, proj_weight, _, sr_weight, sr_bias, norm_weight, norm_bias,
-     sr_ratio, linear, eps, heads, scale, _, deterministic) = inputs
+    (x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight,
+     norm_bias, sr_ratio, linear, eps, heads, scale, _, deterministic) = inputs
     _, *saved = output
-    ctx.save_for_backward(x, q_weight, kv_weight, proj_weight, sr_weight, sr_bias, norm_weight, norm_bias, *saved)
+    ctx.save_for_backward(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias,
+                          norm_weight, norm_bias, *saved)
     ctx.geometry = (H, W, sr_ratio, linear, eps)
     ctx.heads, ctx.scale, ctx.deterministic = heads, scale, deterministic
     ctx.mark_non_differentiable(*saved)
@@ -371,21 +376,22 @@ def _projected_sra_setup_context(ctx, inputs, output):
 def _projected_sra_autograd(ctx, grad_out, *_unused_grads):
     """The projections' and attention's backward as ``projected_attention``'s, then the reduction's backward
     adds its dx into the q path's in the pass that writes it (``project_and_reduce_backward``)."""
-    x, q_weight, kv_weight, proj_weight, sr_weight, sr_bias, norm_weight, norm_bias, q, o, lse, kv, y, z, mean, \
-        rstd, pooled = ctx.saved_tensors
+    x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight, norm_bias, \
+        q, o, lse, kv, y, z, mean, rstd, pooled = ctx.saved_tensors
     H, W, sr_ratio, linear, eps = ctx.geometry
     B, N, C = x.shape
     k, v = kv.view(B, -1, 2, ctx.heads, C // ctx.heads).unbind(2)
-    dq, dk, dv, d_proj_weight, d_proj_bias = _attention_and_projection_backward(
+    dq, dkv, d_proj_weight, *parts = _attention_and_projection_backward(
         grad_out, x, k, v, proj_weight, q, o, lse, ctx.scale, ctx.deterministic)
-    dkv = torch.cat((dk.reshape(-1, C), dv.reshape(-1, C)), 1)
+    dkv = dkv.view(-1, 2 * C)
     grad_y = (dkv @ kv_weight).view(y.shape)
-    dx, dw, db, dnw, dnb = project_and_reduce_backward_call(
-        dq.view(B, N, C), grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
+    dx, dw, norm_part = project_and_reduce_backward_call(
+        dq.view(B, N, C), grad_y, x, H, W, q_weight, sr_weight, norm_weight, norm_bias, z, mean, rstd, pooled,
         sr_ratio, linear, eps)
-    return (dx, None, None, dq.T @ x.reshape(-1, C), column_sum(dq, dq.dtype), dkv.T @ y.reshape(-1, C),
-            column_sum(dkv, dkv.dtype), d_proj_weight, d_proj_bias, dw, db, dnw, dnb, None, None, None, None, None,
-            None, None)
+    dnw, dnb, db, d_proj_bias, d_q_bias, d_kv_bias = finish_column_sums_call(
+        [*norm_part, *parts], [norm_weight, norm_bias, sr_bias, proj_bias, q_bias, kv_bias])
+    return (dx, None, None, dq.T @ x.reshape(-1, C), d_q_bias, dkv.T @ y.reshape(-1, C), d_kv_bias, d_proj_weight,
+            d_proj_bias, dw, db, dnw, dnb, None, None, None, None, None, None, None)
 
 
 def _projected_sra_flops(x_shape, H, W, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape,

@@ -28,6 +28,17 @@ def eager(x: Tensor) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def fake_rows(rows: Callable, *sizes, count: int = 1):
+    """In a fake implementation: ``rows(*sizes)`` (``count`` row counts of buffers whose rows follow a launch plan)
+    where every size is concrete; new dynamic sizes where any is symbolic, so that the plan's heuristics put no
+    guard on them (the buffers are bias-gradient partials, which only a finishing sum reads)."""
+    if all(isinstance(n, int) for n in sizes):
+        return rows(*sizes)
+    ctx = torch.library.get_ctx()
+    fresh = tuple(ctx.new_dynamic_size() for _ in range(count))
+    return fresh if count > 1 else fresh[0]
+
+
 def call(op, impl: Callable, *args):
     """``op(*args)``, or its implementation ``impl(*args)`` directly in eager mode (see :func:`eager`)."""
     return impl(*args) if eager(args[0]) else op(*args)
@@ -63,7 +74,7 @@ def _without_materialized_grads(setup_context: Callable) -> Callable:
 
 def _autograd_entry_point(op, impl, setup_context, backward):
     """In eager mode an ``autograd.Function`` over ``impl`` with the op's own ``setup_context`` and
-    ``backward``; the registered op when traced."""
+    ``backward`` (``impl`` itself when nothing is differentiated); the registered op when traced."""
 
     def forward(ctx, *args):  # the ctx-taking form: apply() then skips binding a signature per call
         output = impl(*args)
@@ -74,7 +85,11 @@ def _autograd_entry_point(op, impl, setup_context, backward):
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def entry_point(*args):
-        return function.apply(*args) if eager(args[0]) else op(*args)
+        if not eager(args[0]):
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        return impl(*args)  # nothing to differentiate: no autograd node, no saved tensors
 
     return entry_point
 

@@ -32,10 +32,10 @@ import triton.language as tl
 
 from ..reference import LINEAR_POOL_SIZE
 from .attention import strided_offsets
-from .column_sum import column_sum, finish_column_sums
+from .column_sum import finish_column_sums
 from .interpreter import INTERPRETED, rounded_cast
 from .launch import cdiv, next_power_of_2
-from .registration import register
+from .registration import fake_rows, register
 
 _TARGET_PROGRAMS = 528
 """Programs a backward reduction grid should offer before it is split further: 4 waves of an H100's 132 SMs."""
@@ -279,7 +279,8 @@ def _patch_dgrad_kernel(
     """da = dz @ w^T for BLOCK_M reduced tokens and one K step (a tap's BLOCK_K input channels), scattered into
     the patches of da through its strides (patches never overlap); with ACCUMULATE added to what they hold.
 
-    dz: (R = B*M, C) contiguous; w: (SR*SR*C, C) tap-major, through its strides; the loop runs over the C output channels.
+    dz: (R = B*M, C) contiguous; w: (SR*SR*C, C) tap-major, through its strides; the loop runs over the C output
+    channels.
     """
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = r < R
@@ -618,25 +619,23 @@ def spatial_reduce_backward(
     Returns (dx (B, N, C) contiguous, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias), each with the
     shape and dtype of its input. Tokens the strided conv never reads get dx exactly 0. Deterministic.
     """
-    return _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
-                     sr_ratio, linear, eps, None)
+    dx, d_sr_weight, norm_part = _backward(grad_y, x, H, W, sr_weight, norm_weight, norm_bias, z, mean, rstd, pooled,
+                                           sr_ratio, linear, eps, None)
+    d_norm_weight, d_norm_bias, d_sr_bias = (_alloc(p.shape, dtype=p.dtype, device=x.device)
+                                             for p in (norm_weight, norm_bias, sr_bias))
+    if norm_part.shape[1]:
+        finish_column_sums(list(norm_part), [d_norm_weight, d_norm_bias, d_sr_bias])
+    else:
+        for grad in (d_norm_weight, d_norm_bias, d_sr_bias):
+            grad.zero_()
+    return dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias
 
 
-def spatial_reduce_backward_into(
-    dx_accumulate: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, H: int, W: int,
-    sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
-    z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor,
-    sr_ratio: int, linear: bool, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`spatial_reduce_backward`, its dx added in place to ``dx_accumulate`` (a contiguous (B, N, C)
-    tensor in x.dtype, e.g. the gradient of x through another path) in the same pass that writes it;
-    ``dx_accumulate`` is returned as dx."""
-    return _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
-                     sr_ratio, linear, eps, dx_accumulate)
-
-
-def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
-              sr_ratio, linear, eps, dx_accumulate):
+def _backward(grad_y, x, H, W, sr_weight, norm_weight, norm_bias, z, mean, rstd, pooled, sr_ratio, linear, eps,
+              dx_accumulate):
+    """(dx, d_sr_weight, norm_part (3, rows, C) fp32: the partial sums of d_norm_weight, d_norm_bias and
+    d_sr_bias, for :func:`.column_sum.finish_column_sums`); dx added in place to ``dx_accumulate`` if given
+    (a contiguous (B, N, C) tensor in x.dtype) in the pass that writes it."""
     if not linear and sr_ratio <= 1:
         raise ValueError(f"sr_ratio must be > 1 outside linear mode (sr_ratio 1 is the identity), got {sr_ratio}")
     B, N, C = x.shape
@@ -649,8 +648,8 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
         raise ValueError(f"dx_accumulate must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}")
     dx = dx_accumulate if accumulate else _alloc((B, N, C), dtype=x.dtype, device=dev)
     if B * M == 0:
-        return (dx if accumulate else dx.zero_(), torch.zeros_like(sr_weight), torch.zeros_like(sr_bias),
-                torch.zeros_like(norm_weight), torch.zeros_like(norm_bias))
+        return (dx if accumulate else dx.zero_(), torch.zeros_like(sr_weight),
+                torch.zeros((3, 0, C), dtype=torch.float32, device=dev))
     z, mean, rstd = z.contiguous(), mean.contiguous(), rstd.contiguous()
     src, src_w, sr = _conv_geometry(x, pooled.contiguous(), W, sr_ratio, linear)
     w_t = _tap_major(sr_weight)
@@ -668,9 +667,6 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
         *grad_y.stride(),
         GELU=linear, **cfg,
     )
-    d_norm_weight, d_norm_bias, d_sr_bias = (_alloc(p.shape, dtype=p.dtype, device=dev)
-                                             for p in (norm_weight, norm_bias, sr_bias))
-    finish_column_sums(list(norm_part), [d_norm_weight, d_norm_bias, d_sr_bias])
 
     # Data gradient: da = dz @ w^T into the patches (dx) or the pooled cells.
     da = _alloc((B, M, C), dtype=torch.float32, device=dev) if linear else dx
@@ -711,12 +707,12 @@ def _backward(grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, z, me
         image = dx.view(B, H, W, C)
         image[:, Hr * sr:].zero_()
         image[:, : Hr * sr, Wr * sr:].zero_()
-    return dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias
+    return dx, d_sr_weight, norm_part
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch.library ops: spatial_reduce, and project_and_reduce (the q projection too: the two consumers of x,
-# whose backward adds the reduction's dx into the q path's in the pass that writes it)
+# torch.library ops: spatial_reduce, and the backward of the q projection and the reduction together (the two
+# consumers of x: the reduction adds its dx into the q path's in the pass that writes it)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -772,68 +768,32 @@ spatial_reduce_op, spatial_reduce = register(
 :func:`spatial_reduce_forward`; differentiable in x and the four parameters."""
 
 
-def _project_and_reduce(
-    x: torch.Tensor, H: int, W: int, q_weight: torch.Tensor, q_bias: torch.Tensor | None, sr_weight: torch.Tensor,
-    sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, sr_ratio: int, linear: bool,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (B, H*W, C) -> (q = x W_q^T + b_q (B, N, C), then the outputs of :func:`spatial_reduce_forward`)."""
-    q = torch.nn.functional.linear(x, q_weight, q_bias)
-    return (q, *spatial_reduce_forward(x, H, W, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps))
-
-
 def project_and_reduce_backward(
     grad_q: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, H: int, W: int, q_weight: torch.Tensor,
-    sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
-    z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor, sr_ratio: int, linear: bool,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx = grad_q W_q + the reduction's dx, d_sr_weight, d_sr_bias, d_norm_weight, d_norm_bias)."""
+    sr_weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, z: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, pooled: torch.Tensor, sr_ratio: int, linear: bool, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of the q projection and the reduction, which both read x: (dx = grad_q W_q + the reduction's
+    dx (added in the pass that writes it), d_sr_weight, the (3, rows, C) fp32 partials of d_norm_weight,
+    d_norm_bias and d_sr_bias for :func:`.column_sum.finish_column_sums`, which the caller finishes with its
+    other bias gradients in one launch)."""
     dx = torch.mm(grad_q.reshape(-1, x.shape[-1]), q_weight).view(x.shape)
-    return spatial_reduce_backward_into(dx, grad_y, x, H, W, sr_weight, sr_bias, norm_weight, norm_bias,
-                                        z, mean, rstd, pooled, sr_ratio, linear, eps)
+    return _backward(grad_y, x, H, W, sr_weight, norm_weight, norm_bias, z, mean, rstd, pooled, sr_ratio, linear,
+                     eps, dx)
+
+
+def _project_and_reduce_backward_fake(grad_q, grad_y, x, H, W, q_weight, sr_weight, norm_weight, norm_bias, z,
+                                      *rest):
+    rows = fake_rows(lambda B, M, C: cdiv(B * M, _row_config(C, dot=False)["BLOCK_R"]), *z.shape)
+    return (x.new_empty(x.shape), sr_weight.new_empty(sr_weight.shape),
+            x.new_empty((3, rows, x.shape[-1]), dtype=torch.float32))
 
 
 project_and_reduce_backward_op, project_and_reduce_backward_call = register(
     "project_and_reduce_backward", project_and_reduce_backward,
-    fake=lambda grad_q, grad_y, x, H, W, q_weight, *rest: _spatial_reduce_backward_fake(grad_y, x, H, W, *rest),
+    fake=_project_and_reduce_backward_fake,
     flops=lambda grad_q_shape, grad_y_shape, x_shape, H, W, q_weight_shape, sr_weight_shape, *args, out_shape=None,
     **kwargs: (2 * x_shape[0] * x_shape[1] * q_weight_shape[0] * q_weight_shape[1]
                + 2 * conv_flops(x_shape, H, W, sr_weight_shape, args[-3], args[-2])))
-"""Also the backward of the fused-projection path's reduction (:mod:`.projected_attention`)."""
-
-
-def _project_and_reduce_setup_context(ctx, inputs, output):
-    x, H, W, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps = inputs
-    _, _, z, mean, rstd, pooled = output
-    ctx.save_for_backward(x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled)
-    ctx.geometry = (H, W, sr_ratio, linear, eps)
-    ctx.q_bias_dtype = None if q_bias is None else q_bias.dtype
-    ctx.mark_non_differentiable(z, mean, rstd, pooled)
-
-
-def _project_and_reduce_autograd(ctx, grad_q, grad_y, *_unused_grads):
-    x, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled = ctx.saved_tensors
-    H, W, sr_ratio, linear, eps = ctx.geometry
-    if grad_q is None:  # q or y unused downstream (gradients are not materialised: see ops.registration)
-        grad_q = torch.zeros_like(x)
-    if grad_y is None:
-        grad_y = torch.zeros_like(z)
-    dx, dw, db, dnw, dnb = project_and_reduce_backward_call(
-        grad_q, grad_y, x, H, W, q_weight, sr_weight, sr_bias, norm_weight, norm_bias, z, mean, rstd, pooled,
-        sr_ratio, linear, eps)
-    C = x.shape[-1]
-    grad_q = grad_q.reshape(-1, C)
-    dq_bias = None if ctx.q_bias_dtype is None else column_sum(grad_q, ctx.q_bias_dtype)
-    return dx, None, None, grad_q.T @ x.reshape(-1, C), dq_bias, dw, db, dnw, dnb, None, None, None
-
-
-project_and_reduce_op, project_and_reduce = register(
-    "project_and_reduce", _project_and_reduce,
-    fake=lambda x, H, W, q_weight, q_bias, *rest: (x.new_empty(x.shape), *reduction_outputs_fake(x, H, W, *rest)),
-    flops=lambda x_shape, H, W, q_weight_shape, q_bias_shape, sr_weight_shape, *args, out_shape=None, **kwargs:
-        (2 * x_shape[0] * x_shape[1] * q_weight_shape[0] * q_weight_shape[1]
-         + conv_flops(x_shape, H, W, sr_weight_shape, args[3], args[4])),
-    setup_context=_project_and_reduce_setup_context, backward=_project_and_reduce_autograd)
-"""project_and_reduce(x, H, W, q_weight, q_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear,
-eps) -> (q, then the outputs of :func:`spatial_reduce_forward`); differentiable in x and every weight."""
+"""The backward of the reduction in the ``sra`` op (:mod:`.sra`) and the fused-projection path's
+(:mod:`.projected_attention`)."""
