@@ -135,7 +135,7 @@ def _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so
     """q, dO tiles (BN, BD), lse in the log2 domain and delta (BN,) of one query block.
 
     Padded rows get lse = +inf so that their probabilities are exactly 0. delta is computed from
-    O when FUSED_DELTA, else read from the (B, h, N) buffer written by ``_bwd_delta_kernel``.
+    O when FUSED_DELTA, else read from the (B, h, N) buffer a dQ pass wrote.
     """
     q = _load_tile(q_base, rows, cols, sq_n, sq_d, N, D, UPCAST)
     do = _load_tile(do_base, rows, cols, sdo_n, sdo_d, N, D, UPCAST)
@@ -258,24 +258,6 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_delta_kernel(
-    O, DO, DELTA, so_b, so_n, so_h, so_d, sdo_b, sdo_n, sdo_h, sdo_d, N, H, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Grid (B*h*cdiv(N, BLOCK_N),): DELTA (B, h, N) fp32 = rowsum(dO * O); program bh * cdiv(N, BLOCK_N) + qb does
-    query block qb of (batch, head) bh (one grid dimension: a y of cdiv(N, BLOCK_N) passes CUDA's 65,535)."""
-    num_qb = tl.cdiv(N, BLOCK_N)
-    pid_bh = tl.program_id(0) // num_qb
-    b = (pid_bh // H).to(tl.int64)
-    hh = (pid_bh % H).to(tl.int64)
-    rows = (tl.program_id(0) - pid_bh * num_qb) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    do = _load_tile(DO + b * sdo_b + hh * sdo_h, rows, cols, sdo_n, sdo_d, N, D, UPCAST)
-    delta = _row_delta(O + b * so_b + hh * so_h, so_n, so_d, do, rows, cols, N, D, UPCAST)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
-
-
-@triton.jit
 def _bwd_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, DKV, QP,
     sq_b, sq_n, sq_h, sq_d, sk_b, sk_m, sk_h, sk_d, sv_b, sv_m, sv_h, sv_d,
@@ -289,7 +271,8 @@ def _bwd_kernel(
     Writes DQ (B, N, h, d) contiguous and its dK/dV sums into DKV (num_partials, B, M, 2, h, d) fp32
     at partial p (partial_stride = 0 when ATOMIC: all programs add into one). With SINGLE_KV, K and V stay
     loaded and one pass gives dQ, dK and dV; otherwise a dQ pass (keys inner) is followed by a dK/dV pass
-    (query blocks inner), and delta comes from DELTA (B, h, N). With BIAS_PARTIALS, the column sums of the
+    (query blocks inner): the dQ pass computes delta from the O tiles and writes it to DELTA (B, h, N), which the
+    dK/dV pass over the same query blocks reads back (no separate delta launch). With BIAS_PARTIALS, the column sums of the
     program's dQ over all its query blocks go to row b * P + p, columns head * d + c, of QP (B * P, h*d) fp32.
     """
     pid_bh = tl.program_id(0)
@@ -322,11 +305,13 @@ def _bwd_kernel(
         for qb in range(pid_q, num_qb, num_q):
             rows = qb * BLOCK_N + tl.arange(0, BLOCK_N)
             q, do, lse2, delta = _load_query_rows(q_base, sq_n, sq_d, do_base, sdo_n, sdo_d, o_base, so_n, so_d,
-                                                  lse_row, delta_row, rows, cols, N, D, False, UPCAST)
+                                                  lse_row, delta_row, rows, cols, N, D, True, UPCAST)
+            tl.store(delta_row + rows, delta, mask=rows < N)  # for this program's dK/dV pass over the same rows
             dq = _dq_over_keys(q, do, lse2, delta, k_base, sk_m, sk_d, v_base, sv_m, sv_d, keys, cols, M, D, qk_scale,
                                BLOCK_N, BLOCK_M, BLOCK_D, UPCAST) * scale
             _store_tile(dq_base, dq, rows, cols, H * D, N, D)
             dq_sum += tl.sum(dq, 0)
+        tl.debug_barrier()  # the block's delta stores are visible to all its threads before they read them back
         for start_m in range(0, M, BLOCK_M):
             k = _load_tile(k_base, start_m + keys, cols, sk_m, sk_d, M, D, UPCAST)
             v = _load_tile(v_base, start_m + keys, cols, sv_m, sv_d, M, D, UPCAST)
@@ -582,14 +567,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         partials = _empty((plan.num_programs, B, M, 2, H, D), torch.float32, q.device)
     else:
         partials = torch.zeros((1, B, M, 2, H, D), dtype=torch.float32, device=q.device)
-    if plan.single_kv:
-        delta = lse  # unused: the kernel computes delta from o itself
-    else:
-        delta = _empty((B, H, N), torch.float32, q.device)
-        _bwd_delta_kernel[(B * H * cdiv(N, plan.block_n),)](
-            o, do, delta, *o.stride(), *do.stride(), N, H, D,
-            BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, UPCAST=INTERPRETED, num_warps=4,
-        )
+    # one key block: delta stays in registers; looped keys: the dQ pass writes it for the dK/dV pass
+    delta = lse if plan.single_kv else _empty((B, H, N), torch.float32, q.device)
     _bwd_kernel[(B * H, plan.num_programs)](
         q, k, v, o, do, lse, delta, dq, partials, q_part,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
