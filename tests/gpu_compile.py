@@ -156,15 +156,19 @@ def _allow_meta(check):
 
 
 @contextlib.contextmanager
-def _recording(sm_count: int):
-    """Swap every ``*_kernel`` of the op modules for a recorder; yields the list the launches go to."""
+def _recording(arch: int):
+    """Swap every ``*_kernel`` of the op modules for a recorder, and make the plans see an ``arch`` GPU (its SM
+    count and compute capability); yields the list the launches go to."""
     from triton.runtime.jit import JITFunction
 
     from sra_kernels.ops import attention, column_sum, projected_attention, spatial_reduce
 
     launches: list = []
+    sm_count = SM_COUNT[arch]
     patches = {(attention, "_num_sms"): lambda device: sm_count,
                (projected_attention, "_num_sms"): lambda device: sm_count,
+               (attention, "_capability"): lambda device: divmod(arch, 10),
+               (projected_attention, "_capability"): lambda device: divmod(arch, 10),
                (attention, "_check_launchable"): _allow_meta(attention._check_launchable)}
     attention._plan.cache_clear()  # the plans depend on the (stubbed) SM count
     projected_attention._plan.cache_clear()
@@ -265,7 +269,7 @@ def capture(archs, cases=CASES) -> list[Launch]:
                               (_run_spatial, cases["spatial"])):
             for shape, dtypes in op_cases:
                 for dtype in dtypes:
-                    with _recording(SM_COUNT[arch]) as launches:
+                    with _recording(arch) as launches:
                         case = run(*shape, dtype)
                     for fn, args, kwargs in launches:
                         if fn not in binders:

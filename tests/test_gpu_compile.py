@@ -115,3 +115,17 @@ def test_pvt_hot_launches_are_clean_on_hopper(pvt_report):
     dirty = [r for r in rows if r["spill"] or r["mma"] == "mma.sync"
              or (r["kernel"] in GEMM_KERNELS and r["mma"] != "wgmma")]
     assert not dirty, "\n" + format_table(dirty)
+
+
+@pytest.fixture(scope="module")
+def pvt_report_sm80() -> list[dict]:
+    """The hot launches of pvt_v2_b2 at its real shapes on sm_80 (the plans see an sm_80 GPU)."""
+    return _compile_report("--pvt", "--arch", "80")
+
+
+def test_pvt_forward_launches_do_not_spill_on_ampere(pvt_report_sm80):
+    """At every pvt_v2_b2 shape on sm_80 the forward kernels (attention, fused projections) spill nothing: their
+    plans take 32-row query blocks (attention, 256 whole keys) or 8 warps (fused projections, C <= 64) there."""
+    rows = [r for r in _compiled(pvt_report_sm80) if r["kernel"] in ("_fwd_kernel", "_projected_fwd_kernel")]
+    assert rows and not [r for r in rows if r["spill"]], "\n" + format_table([r for r in rows if r["spill"]])
+

@@ -435,6 +435,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device; None for the CPU interpreter."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 @functools.lru_cache(maxsize=1024)
 def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: torch.device, *,
           backward: bool) -> _Plan:
@@ -459,6 +467,10 @@ def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: 
         # Measured on an H200 (benchmarks/sweep_attention.py, d = 64, M = 256): 64-row query blocks
         # and 4 warps beat 8 warps by 1.5-2x in both passes. head_dim > 64 needs 8 warps not to spill.
         block_n = 32 if backward and block_m * block_d > 64 * 64 else 64
+        if not backward and block_m * block_d > 128 * 64 and (_capability(device) or (9, 0))[0] < 9:
+            # Before Hopper, 64 query rows against 256 whole keys (d = 64) spilled 8 bytes per thread; 32 rows do
+            # not (tests/gpu_compile.py --pvt). Hopper keeps 64 rows: wgmma needs them.
+            block_n = 32
         num_warps = 8 if block_d > 64 else 4
         # CUDA-graph timed on an H200: 2 stages beat 3 by 15% with one 64-key block (M = 49), 3 won at M = 256.
         num_stages = 3 if block_m >= 128 else 2

@@ -27,6 +27,7 @@ from .attention import (
     LOG2E,
     _attend_key_blocks,
     _attend_one_key_block,
+    _capability,
     _load_tile,
     _num_sms,
     _store_tile,
@@ -133,7 +134,10 @@ def _plan(B: int, N: int, M: int, C: int, d: int, kv_from_x: bool, device: torch
     block_n = max(16, next_power_of_2(N)) if kv_from_x else 64
     block_m = block_n if kv_from_x else max(16, min(64, next_power_of_2(M)))
     num_programs = max(1, min(cdiv(N, block_n), cdiv(4 * _num_sms(device), B)))
-    return _Plan(block_n, block_m, max(16, next_power_of_2(d)), block_c, num_programs, 4 if block_c <= 64 else 8)
+    # 4 warps at C <= 64 spilled 8-16 bytes per thread before Hopper when saving q and o (tests/gpu_compile.py
+    # --pvt); 8 do not
+    narrow = block_c <= 64 and (_capability(device) or (9, 0))[0] >= 9
+    return _Plan(block_n, block_m, max(16, next_power_of_2(d)), block_c, num_programs, 4 if narrow else 8)
 
 
 def self_attention_max_channels(dtype: torch.dtype) -> int:
