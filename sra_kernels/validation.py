@@ -91,8 +91,9 @@ def check_size(size, num_tokens: int) -> tuple[int, int]:
 
 
 def check_parameter(name: str, tensor, shape: tuple[int, ...], like: torch.Tensor, *, optional: bool):
-    """A weight of the given shape, dtype and device of ``like``; None allowed when optional. Under autocast
-    any floating dtype passes: the op computes in autocast's dtype, as torch's Linear and Conv2d do."""
+    """A weight of the given shape (whose sizes are multiples of the channel count C of ``like``, (B, N, C)), dtype
+    and device of ``like``; None allowed when optional. Under autocast any floating dtype passes: the op computes
+    in autocast's dtype, as torch's Linear and Conv2d do."""
     if tensor is None:
         if optional:
             return None
@@ -100,7 +101,8 @@ def check_parameter(name: str, tensor, shape: tuple[int, ...], like: torch.Tenso
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {_describe(tensor)}")
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(shape)} for x's C = {like.shape[-1]} channels (x has shape "
+                         f"{tuple(like.shape)}), got {tuple(tensor.shape)}")
     if tensor.dtype != like.dtype and not (torch.is_autocast_enabled(like.device.type) and tensor.is_floating_point()):
         raise ValueError(f"{name} must have x's dtype {like.dtype}, got {tensor.dtype}")
     if tensor.device != like.device:
@@ -116,7 +118,10 @@ def check_spatial_reduction_args(x, size, sr_weight, sr_bias, norm_weight, norm_
     if not isinstance(linear, bool):
         raise TypeError(f"linear must be a bool, got {_describe(linear)}")
     # linear SRA pools to 7x7 whatever the grid: sr_ratio is unused there, so any ratio >= 1 passes
-    sr_ratio = check_int("sr_ratio", sr_ratio, minimum=1, maximum=None if linear else min(H, W))
+    sr_ratio = check_int("sr_ratio", sr_ratio, minimum=1)
+    if not linear and sr_ratio > min(H, W):
+        raise ValueError(f"sr_ratio must be at most min(H, W) = {min(H, W)}: the reduction's kernel and stride "
+                         f"cannot exceed the image, size (H, W) = ({H}, {W}); got sr_ratio = {sr_ratio}")
     eps = check_positive_float("eps", eps)
     if linear or sr_ratio > 1:
         kernel = 1 if linear else sr_ratio

@@ -64,7 +64,14 @@ def test_bad_size(size, error, match):
     ("sr_bias", (C - 1,)), ("norm_weight", (1,)), ("norm_bias", (C, 1)),
 ])
 def test_weight_shape_must_match_channels(name, shape):
-    _raises(ValueError, f"{name} must have shape", **{name: torch.randn(*shape)})
+    _raises(ValueError, f"{name} must have shape .* for x's C = {C} channels", **{name: torch.randn(*shape)})
+
+
+def test_channel_mismatch_names_x():
+    """x with other channels than the weights: the message gives x's C and shape next to the weight's."""
+    x = torch.randn(B, H * W, C // 2)
+    _raises(ValueError, rf"sr_weight must have shape \({C // 2}, {C // 2}, {SR}, {SR}\) for x's C = {C // 2} "
+                        rf"channels \(x has shape \({B}, {H * W}, {C // 2}\)\), got \({C}, {C}, {SR}, {SR}\)", x=x)
 
 
 @pytest.mark.parametrize("name", ["q_weight", "kv_bias", "sr_weight", "norm_bias"])
@@ -115,8 +122,8 @@ def test_bad_num_heads(heads, error, match):
 
 
 @pytest.mark.parametrize("sr,error,match", [
-    (0, ValueError, r"sr_ratio must be in \[1, 6\], got 0"),
-    (7, ValueError, r"sr_ratio must be in \[1, 6\], got 7"),
+    (0, ValueError, r"sr_ratio must be >= 1, got 0"),
+    (7, ValueError, r"sr_ratio must be at most min\(H, W\) = 6: .* size \(H, W\) = \(8, 6\); got sr_ratio = 7"),
     (2.5, TypeError, "sr_ratio must be an int"),
 ])
 def test_bad_sr_ratio(sr, error, match):
