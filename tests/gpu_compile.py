@@ -11,7 +11,7 @@ Reported per launch: shared memory (Triton's metadata), registers and spill byte
 frame of ``cuobjdump -res-usage``, which in Triton kernels holds only spilled registers (ptxas -v calls it
 "stack frame"; its "spill stores" count store instructions' bytes, which can be more).
 
-    python -m tests.gpu_compile [--arch 80 90] [--json] [--full | --pvt]
+    python -m tests.gpu_compile [--arch 80 90] [--json] [--full | --pvt [--input H W BATCH ...]]
 
 The default cases (~130 launches, ~160 CPU seconds: under 1.5 minutes on 2 free cores) are one per PVT
 stage and head-dim regime, covering every launcher branch (strided / linear, keys in one block / looped,
@@ -19,8 +19,9 @@ deterministic / atomic) in fp32 and bf16, and fp16 once (its plans are bf16's: s
 within a few). ``--full`` compiles the whole matrix (sr 2/4/8 x C 64/128/320/512, linear C 64..512, every
 (M, d) of M 49/256/1024 x d 32/40/64/128, deterministic and atomic, three dtypes: ~480 launches, ~10
 minutes on 2 cores). ``--pvt`` compiles the hot launches of pvt_v2_b2's real shapes (512x512 batch 16 and 224x224
-batch 64, bf16) as the plans route them. The table also says which tensor-core instructions each launch's SASS
-holds: on Hopper ``wgmma`` is what a hot launch wants; ``mma.sync`` means an sm_80-style tile.
+batch 64, bf16) as the plans route them; ``--input 800 1333 2`` (repeatable) compiles them at other inputs instead,
+e.g. detection's (N ~ 67k queries against M ~ 1k keys at stage 1). The table also says which tensor-core
+instructions each launch's SASS holds: on Hopper ``wgmma`` is what a hot launch wants; ``mma.sync`` means an sm_80-style tile.
 Run without TRITON_INTERPRET=1 (under the interpreter @triton.jit gives interpreted functions).
 Exit status: 0 all compiled; 1 a compile failed; 77 no toolchain here (nvidia backend or bundled ptxas).
 
@@ -94,15 +95,19 @@ FULL_CASES = dict(
 )
 
 
-def pvt_cases(model: str = "pvt_v2_b2", dtype: torch.dtype = BF16) -> dict:
-    """The hot launches of ``model`` at 512x512 (batch 16) and 224x224 (batch 64), stage by stage as the plans of
+PVT_INPUTS = (((512, 512), 16), ((224, 224), 64))
+"""((H, W), batch) of the inputs ``--pvt`` compiles by default: segmentation and classification training sizes."""
+
+
+def pvt_cases(model: str = "pvt_v2_b2", dtype: torch.dtype = BF16, inputs=PVT_INPUTS) -> dict:
+    """The hot launches of ``model`` at each ((H, W), batch) of ``inputs``, stage by stage as the plans of
     :mod:`sra_kernels.plan` route them: the reduction where the stage reduces, the attention (inference and
     training), and the fused-projection kernels where that path applies."""
     from sra_kernels.plan import Problem, fused_projections_refuse
     from sra_kernels.shapes import model_stages
 
     cases = dict(spatial=[], attention=[], projected=[])
-    for size, batch in ((512, 16), (224, 64)):
+    for size, batch in inputs:
         for s in model_stages(model, size, batch):
             if s.reduces:
                 cases["spatial"].append(((batch, s.height, s.width, s.channels, s.sr_ratio, s.linear), (dtype,)))
@@ -399,6 +404,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report rows as a JSON list")
     parser.add_argument("--full", action="store_true", help="the whole case matrix (~10 minutes on 2 cores)")
     parser.add_argument("--pvt", action="store_true", help="the hot launches of pvt_v2_b2's real shapes (bf16)")
+    parser.add_argument("--input", type=int, nargs=3, action="append", metavar=("H", "W", "BATCH"),
+                        help="with --pvt: compile at this input (repeatable) instead of 512x512 B16 and 224x224 B64")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -408,7 +415,10 @@ def main(argv=None) -> int:
         print(f"SKIP: {problem}", file=sys.stderr)
         return EXIT_SKIP
     start = time.perf_counter()
-    cases = pvt_cases() if args.pvt else FULL_CASES if args.full else CASES
+    if args.input and not args.pvt:
+        parser.error("--input goes with --pvt")
+    inputs = tuple(((h, w), batch) for h, w, batch in args.input) if args.input else PVT_INPUTS
+    cases = pvt_cases(inputs=inputs) if args.pvt else FULL_CASES if args.full else CASES
     rows = compile_all(capture(args.arch, cases), args.workers)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     failed = sum(not r["ok"] for r in rows)

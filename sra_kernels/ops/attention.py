@@ -466,7 +466,9 @@ def _plan(N: int, M: int, d: int, batch_heads: int, dtype: torch.dtype, device: 
         block_m = max(16, next_power_of_2(M)) if M <= kv_max else 64
         # Measured on an H200 (benchmarks/sweep_attention.py, d = 64, M = 256): 64-row query blocks
         # and 4 warps beat 8 warps by 1.5-2x in both passes. head_dim > 64 needs 8 warps not to spill.
-        block_n = 32 if backward and block_m * block_d > 64 * 64 else 64
+        # A padded head_dim (e.g. 40 in 64 columns: its loads are not provably 16-byte aligned, so they are
+        # scalar) spilled 250-560 bytes per thread in the backward with 64-row blocks on Triton 3.6, 0-8 with 32.
+        block_n = 32 if backward and (block_m * block_d > 64 * 64 or block_d != d) else 64
         if not backward and block_m * block_d > 128 * 64 and (_capability(device) or (9, 0))[0] < 9:
             # Before Hopper, 64 query rows against 256 whole keys (d = 64) spilled 8 bytes per thread; 32 rows do
             # not (tests/gpu_compile.py --pvt). Hopper keeps 64 rows: wgmma needs them.
