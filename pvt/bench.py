@@ -67,7 +67,8 @@ def _kernel_ms(step, device: torch.device) -> float:
 def bench_model(name: str, batch: int, img_size: tuple[int, int] = (224, 224), dtype: str = "fp32",
                 train: bool = False, backends: list[str] | None = None, steps: int = 20, warmup: int = 5,
                 device: str | torch.device | None = None, progress: bool = True,
-                compile_modes: list[str] | None = None, compile_backend: str = "inductor") -> list[BenchResult]:
+                compile_modes: list[str] | None = None, compile_backend: str = "inductor",
+                grad_checkpointing: bool = False) -> list[BenchResult]:
     """Time ``steps`` forward (or forward+backward with ``train``) passes per compile mode and backend after
     ``warmup`` (compiled modes take at least :data:`COMPILE_WARMUP`).
 
@@ -75,12 +76,15 @@ def bench_model(name: str, batch: int, img_size: tuple[int, int] = (224, 224), d
     default policy, :mod:`sra_kernels.plan`) runs everywhere; by default it is timed too on CUDA, where it is
     more than ``sdpa``. ``compile_modes`` (default ``["none"]``): see :data:`COMPILE_MODES`; each compiled
     (mode, backend) compiles afresh with ``compile_backend`` (``aot_eager``: traced, no code generated).
+    ``grad_checkpointing``: the model's blocks recompute their activations in the backward (training memory
+    for time; see ``set_grad_checkpointing``).
     """
     device = torch.device(device) if device is not None else default_device()
     runnable = available_backends(device) + ["auto"]
     backends = backends or (runnable if device.type == "cuda" else runnable[:-1])
     model = create_model(name, backend=runnable[0]).to(device=device, dtype=DTYPES[dtype])
     model.train(train)
+    model.set_grad_checkpointing(grad_checkpointing)
     x = torch.randn(batch, 3, *img_size, device=device, dtype=DTYPES[dtype])
 
     results = []
@@ -154,10 +158,10 @@ def _cell(value: float | None, width: int, precision: int) -> str:
 
 
 def format_results(name: str, batch: int, img_size, dtype: str, train: bool, device: torch.device,
-                   results: list[BenchResult]) -> str:
+                   results: list[BenchResult], grad_checkpointing: bool = False) -> str:
     """The results as a table, with the speed-up over the first ``reference`` row measured (eager by default)."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    mode = "forward+backward" if train else "forward"
+    mode = ("forward+backward" + (" (grad checkpointing)" if grad_checkpointing else "")) if train else "forward"
     lines = [f"{name} {img_size[0]}x{img_size[1]} batch {batch} {dtype} {mode} on {where} (torch {torch.__version__})",
              f"{'backend':>10} {'compile':>15} {'images/s':>10} {'ms/step':>9} {'GPU ms':>8} {'peak MiB':>9} "
              f"{'compile s':>9} {'vs reference':>13}"]

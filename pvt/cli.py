@@ -7,6 +7,7 @@ Examples::
     python -m pvt bench mit_b2 --preset segmentation --dtype bf16 --compile none default reduce-overhead --plot b2.png
     python -m pvt train pvt_v2_b0 --epochs 5 --img-size 32 32 --save digits.pt
     python -m pvt train pvt_v2_b0 --compile default --bf16   # on a GPU
+    python -m pvt bench pvt_v2_b2 --preset segmentation-1024 --dtype bf16 --train --grad-checkpointing
     torchrun --standalone --nproc_per_node=2 -m pvt train pvt_v2_b0 --epochs 1
 """
 
@@ -121,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         + " (--img-size and --batch override them)")
     bench.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     bench.add_argument("--train", action="store_true", help="time forward+backward instead of forward")
+    bench.add_argument("--grad-checkpointing", action="store_true",
+                       help="with --train: every block recomputes its activations in the backward (less memory)")
     bench.add_argument("--backends", nargs="+", choices=("auto", "reference", "sdpa", "triton"),
                        help="default: every backend that runs here")
     bench.add_argument("--steps", type=POSITIVE, default=20, help="timed steps per backend and compile mode")
@@ -149,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true",
                        help="bf16 autocast of forward and loss (fp32 weights and optimizer): for GPUs; "
                             "CPU autocast runs too, slowly")
+    train.add_argument("--grad-checkpointing", action="store_true",
+                       help="every block recomputes its activations in the backward: less memory, more time")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--subset", type=POSITIVE, metavar="N",
                        help="train on N of the 1437 training images (quick runs)")
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "bench":
         img_size, batch = _bench_sizes(args)
         _check_plot(args)
+        if args.grad_checkpointing and not args.train:
+            args.usage.error("--grad-checkpointing goes with --train (it changes only the backward)")
     else:
         img_size = tuple(args.img_size)
     if args.command in ("bench", "train"):
@@ -179,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
 
         device = args.device or default_device()
         results = bench_model(args.model, batch, img_size, args.dtype, args.train, args.backends, args.steps,
-                              args.warmup, device, not args.no_progress, args.compile, args.compile_backend)
-        table = format_results(args.model, batch, img_size, args.dtype, args.train, device, results)
+                              args.warmup, device, not args.no_progress, args.compile, args.compile_backend,
+                              args.grad_checkpointing)
+        table = format_results(args.model, batch, img_size, args.dtype, args.train, device, results,
+                               args.grad_checkpointing)
         print(table)
         if args.plot:
             plot_results(results, args.plot, table.splitlines()[0])
@@ -196,4 +205,5 @@ def main(argv: list[str] | None = None) -> None:
                           weight_decay=args.weight_decay, img_size=img_size, backend=args.backend,
                           seed=args.seed, subset=args.subset, save=args.save, resume=args.resume,
                           progress=not args.no_progress, compile=args.compile,
-                          compile_backend=args.compile_backend, bf16=args.bf16))
+                          compile_backend=args.compile_backend, bf16=args.bf16,
+                          grad_checkpointing=args.grad_checkpointing))

@@ -7,6 +7,8 @@ or ``norm`` (v1), ``pos_embed{i}`` and ``cls_token`` (v1), ``head``.
 * ``forward_features(x)``: (B, 3, H, W) -> four stage maps (B, C_i, H_i, W_i), like the official
   detection / segmentation backbones (PVT v1's is the detection one: no cls token, no final norm).
 * ``forward(x)``: (B, 3, H, W) -> logits (B, num_classes); MiT returns the stage maps, as SegFormer.
+* ``set_grad_checkpointing(True)`` (timm's name): every block recomputes its activations in the backward
+  instead of keeping them (``torch.utils.checkpoint``, non-reentrant): less training memory, one more forward.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sra_kernels import SpatialReductionAttention
 
@@ -47,6 +50,21 @@ class _PyramidBase(nn.Module):
             cur += depths[i]
         self.embed_dims = tuple(embed_dims)
         self.depths = tuple(depths)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of saving them (while gradients are
+        recorded): the saved activations of a training step shrink to each block's input, at the cost of a
+        second forward of every block. Outputs and gradients are unchanged (dropout and drop path replay the
+        same random numbers)."""
+        self.grad_checkpointing = bool(enable)
+
+    def _blocks(self, i: int, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Stage i's (0-based) blocks over tokens (B, N, C) of an H x W grid, checkpointed when enabled."""
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in getattr(self, f"block{i + 1}"):
+            x = checkpoint(blk, x, H, W, use_reentrant=False) if checkpointing else blk(x, H, W)
+        return x
 
     def configure_attention(self, **options) -> None:
         """Set options of every attention: ``backend`` (auto | reference | sdpa | triton), ``fuse_projections``,
@@ -113,9 +131,7 @@ class PyramidVisionTransformer(_PyramidBase):
             # reads the grid and the attention sees the tokens as a 1 x N sequence.
             block_size = (1, x.shape[1])
         x = getattr(self, f"pos_drop{i + 1}")(x + pos_embed)
-        for blk in getattr(self, f"block{i + 1}"):
-            x = blk(x, *block_size)
-        return x, size
+        return self._blocks(i, x, *block_size), size
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> [(B, C_i, H_i, W_i)] for i = 1..4, as the official detection backbone."""
@@ -168,8 +184,7 @@ class PyramidVisionTransformerV2(_PyramidBase):
         outs = []
         for i in range(NUM_STAGES):
             x, (H, W) = getattr(self, f"patch_embed{i + 1}")(x)
-            for blk in getattr(self, f"block{i + 1}"):
-                x = blk(x, H, W)
+            x = self._blocks(i, x, H, W)
             x = tokens_to_map(getattr(self, f"norm{i + 1}")(x), (H, W))
             outs.append(x)
         return outs

@@ -90,6 +90,11 @@ class SegFormer(nn.Module):
         """See :meth:`pvt.models.PyramidVisionTransformerV2.configure_attention`."""
         self.backbone.configure_attention(**options)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint the encoder's blocks (see :meth:`pvt.models.PyramidVisionTransformerV2.set_grad_checkpointing`;
+        the decode head, a few wide maps, keeps its activations)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> [(B, C_i, H_i, W_i)] for i = 1..4."""
         return self.backbone(x)

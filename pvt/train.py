@@ -45,6 +45,7 @@ class TrainConfig:
     compile: str = "none"  # torch.compile mode of the training forward: none (eager), default, reduce-overhead
     compile_backend: str = "inductor"
     bf16: bool = False  # bf16 autocast of forward and loss; weights, gradients and optimizer stay fp32
+    grad_checkpointing: bool = False  # blocks recompute their activations in the backward (less memory)
 
 
 def digits_datasets(img_size: tuple[int, int], val_fraction: float = 0.2, seed: int = 0):
@@ -134,6 +135,7 @@ def _train(cfg: TrainConfig, distributed: bool, rank: int, device: torch.device)
     if model.num_classes == 0 or isinstance(model, SegFormer):
         raise ValueError(f"{cfg.model} is a feature backbone or a segmentation model, not a classifier; "
                          "train a pvt_* model")
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch = 0

@@ -15,7 +15,7 @@ keeps its algorithm (on CPU it picks one by feature-map size: a guard, hence a r
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import pvt
 from pvt.registry import MODEL_CONFIGS
@@ -103,6 +103,30 @@ def test_one_graph_per_model_backend_and_mode(name, backend, fresh_dynamo):
         custom_ops = any("sra_kernels" in str(node.target) for node in graphs[0].graph.nodes)
         if backend != "auto":
             assert custom_ops == (backend == "triton"), (name, backend, train)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_grad_checkpointing_compiles_to_one_graph(backend, fresh_dynamo):
+    """set_grad_checkpointing(True) under torch.compile(fullgraph=True) (aot_eager: the checkpointed blocks and,
+    on triton, our custom ops through AOTAutograd): one graph, and every gradient as in eager."""
+    if backend == "triton" and "triton" not in available_backends(DEVICE):
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    model = pvt.create_model("pvt_v2_b0", num_classes=10, backend=backend, **ONE_BLOCK).to(DEVICE)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+
+    def grads(run):
+        model.zero_grad(set_to_none=True)
+        _loss(run(x)).backward()
+        return [p.grad for p in model.parameters()]
+
+    want = grads(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    got = grads(torch.compile(model, backend=counter, fullgraph=True))
+    assert counter.frame_count == 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dynamic, compiles", [(None, 2), (True, 1)])

@@ -524,3 +524,53 @@ def test_training_steps_reduce_loss():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _saved_bytes_loss_and_grads(model, x):
+    """One training step's (bytes autograd saved in the forward, loss, {parameter: gradient}); the random
+    numbers of dropout and drop path drawn from seed 1."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+        loss = sum(o.float().square().mean() for o in out) if isinstance(out, list) else out.float().square().mean()
+    loss.backward()
+    return sum(saved), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name, backend, most_saved", [
+    ("pvt_v2_b0", "sdpa", 0.3), ("pvt_tiny", "reference", 0.3), ("segformer_b0", "sdpa", 0.75),
+    ("pvt_v2_b0", "triton", 0.3),
+])
+def test_grad_checkpointing_keeps_gradients_and_saves_less(name, backend, most_saved, monkeypatch):
+    """set_grad_checkpointing(True) with dropout and drop path on: the same loss and every same gradient (the
+    blocks' random numbers replayed), while the forward saves at most ``most_saved`` of the bytes it saved without
+    (the blocks keep only their inputs; SegFormer's decode head, wide at a small image, keeps its activations);
+    under no_grad nothing is checkpointed."""
+    device = torch.device("cpu")
+    if backend == "triton":
+        device = _triton_model_case(name)[-1]
+    torch.manual_seed(0)
+    model = pvt.create_model(name, backend=backend, drop_rate=0.1, drop_path_rate=0.3, **SMALL).to(device).train()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    saved, loss, grads = _saved_bytes_loss_and_grads(model, x)
+    model.set_grad_checkpointing(True)
+    saved_checkpointed, loss_checkpointed, grads_checkpointed = _saved_bytes_loss_and_grads(model, x)
+    torch.testing.assert_close(loss_checkpointed, loss, rtol=1e-6, atol=0)
+    assert grads_checkpointed.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for key, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+    assert saved_checkpointed <= most_saved * saved, (saved_checkpointed, saved)
+
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("checkpointed under no_grad")
+
+    monkeypatch.setattr(pvt.models, "checkpoint", no_checkpoint)
+    with torch.no_grad():
+        model.eval()(x)

@@ -65,6 +65,21 @@ def test_bench_prints_each_backend(capsys):
     assert "[" in captured.err and "1/1" in captured.err  # the progress bar
 
 
+def test_bench_grad_checkpointing(capsys, monkeypatch):
+    """--train --grad-checkpointing: the benchmarked model's blocks are checkpointed, and the table says so."""
+    from torch.utils import checkpoint
+
+    from pvt import models
+
+    calls = []
+    monkeypatch.setattr(models, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint.checkpoint(*a, **k))
+    main(["bench", "pvt_v2_b0", "--batch", "2", "--img-size", "32", "32", "--steps", "1", "--warmup", "0",
+          "--backends", "sdpa", "--train", "--grad-checkpointing", "--no-progress"])
+    assert "forward+backward (grad checkpointing)" in capsys.readouterr().out.splitlines()[0]
+    blocks = sum(pvt.create_model("pvt_v2_b0").depths)
+    assert calls and len(calls) % blocks == 0  # every block of each step run (timed, and profiled on CUDA)
+
+
 def test_bench_compile_modes_side_by_side_and_plot(tmp_path, capsys):
     """--compile none default: each backend eager and compiled (aot_eager: traced, no code generated, quick on a
     CPU), with the compile time; --plot writes the bar chart."""
@@ -249,6 +264,7 @@ def test_kill_during_save_keeps_the_last_checkpoint_and_resume_continues(tmp_pat
     ("bench pvt_v2_b0 --preset video", "argument --preset: invalid choice: 'video'"),
     ("bench pvt_v2_b0 --batch 1 --compile reduce-overhead --compile-backend aot_eager",
      "--compile reduce-overhead needs --compile-backend inductor, got aot_eager"),
+    ("bench pvt_v2_b0 --batch 1 --grad-checkpointing", "--grad-checkpointing goes with --train"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     """argparse's exit status 2 and a message on stderr, before any work: no traceback, no silent exit 0."""
@@ -302,8 +318,10 @@ def test_train_options_reach_the_config(monkeypatch):
 
     configs = []
     monkeypatch.setattr(train_module, "train", configs.append)
-    main(["train", "pvt_v2_b0", "--compile", "default", "--compile-backend", "aot_eager", "--bf16", "--no-progress"])
-    assert [(c.compile, c.compile_backend, c.bf16) for c in configs] == [("default", "aot_eager", True)]
+    main(["train", "pvt_v2_b0", "--compile", "default", "--compile-backend", "aot_eager", "--bf16", "--no-progress",
+          "--grad-checkpointing"])
+    assert [(c.compile, c.compile_backend, c.bf16, c.grad_checkpointing) for c in configs] == [
+        ("default", "aot_eager", True, True)]
 
 
 def test_train_loss_curves_agree_across_backends_compile_and_bf16(monkeypatch):
