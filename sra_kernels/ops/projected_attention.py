@@ -45,6 +45,7 @@ from .spatial_reduce import (
     reduced_size,
     reduction_outputs_fake,
 )
+from .sra import save_stage_context
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """What the kernel compiles for (the path runs fp16 / bf16: :data:`sra_kernels.validation.FUSED_PROJECTIONS_DTYPES`)."""
@@ -366,17 +367,6 @@ def _projected_sra_fake(x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weig
     return (*_projected_outputs_fake(x, heads, save), x.new_empty((B, M, 2 * C)), *reduced)
 
 
-def _projected_sra_setup_context(ctx, inputs, output):
-    (x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight,
-     norm_bias, sr_ratio, linear, eps, heads, scale, _, deterministic) = inputs
-    _, *saved = output
-    ctx.save_for_backward(x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias,
-                          norm_weight, norm_bias, *saved)
-    ctx.geometry = (H, W, sr_ratio, linear, eps)
-    ctx.heads, ctx.scale, ctx.deterministic = heads, scale, deterministic
-    ctx.mark_non_differentiable(*saved)
-
-
 def _projected_sra_autograd(ctx, grad_out, *_unused_grads):
     """The projections' and attention's backward as ``projected_attention``'s, then the reduction's backward
     adds its dx into the q path's in the pass that writes it (``project_and_reduce_backward``)."""
@@ -410,6 +400,6 @@ def _projected_sra_flops(x_shape, H, W, q_weight_shape, q_bias_shape, kv_weight_
 
 projected_sra_op, projected_sra = register(
     "projected_sra", _projected_sra, fake=_projected_sra_fake, flops=_projected_sra_flops,
-    setup_context=_projected_sra_setup_context, backward=_projected_sra_autograd)
+    setup_context=save_stage_context, backward=_projected_sra_autograd)
 """projected_sra(x, H, W, the ten weights, sr_ratio, linear, eps, heads, scale, save, deterministic) -> (out, q,
 o, lse, kv, then the reduction's outputs): the whole reducing SRA of the fused-projection path."""

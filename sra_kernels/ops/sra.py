@@ -66,19 +66,21 @@ def _sra_fake(x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_b
             *reduced)
 
 
-def _sra_setup_context(ctx, inputs, output):
-    (x, H, W, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight,
-     norm_bias, sr_ratio, linear, eps, heads, scale, deterministic) = inputs
+def save_stage_context(ctx, inputs, output):
+    """setup_context of a whole-stage op (this one, ``projected_sra``): inputs (x, H, W, q_weight, q_bias,
+    kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio, linear, eps,
+    heads, scale, ..., deterministic), output (out, *saved). Saves x, the ten weights in that order, then saved."""
+    x, H, W, *weights = inputs[:13]
+    sr_ratio, linear, eps, heads, scale = inputs[13:18]
     _, *saved = output
-    ctx.save_for_backward(x, q_weight, kv_weight, proj_weight, proj_bias, q_bias, kv_bias, sr_weight, sr_bias,
-                          norm_weight, norm_bias, *saved)
+    ctx.save_for_backward(x, *weights, *saved)
     ctx.geometry = (H, W, sr_ratio, linear, eps)
-    ctx.heads, ctx.scale, ctx.deterministic = heads, scale, deterministic
+    ctx.heads, ctx.scale, ctx.deterministic = heads, scale, inputs[-1]
     ctx.mark_non_differentiable(*saved)
 
 
 def _sra_autograd(ctx, grad_out, *_unused_grads):
-    x, q_weight, kv_weight, proj_weight, proj_bias, q_bias, kv_bias, sr_weight, sr_bias, norm_weight, norm_bias, \
+    x, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, sr_weight, sr_bias, norm_weight, norm_bias, \
         q, kv, o, lse, y, z, mean, rstd, pooled = ctx.saved_tensors
     H, W, sr_ratio, linear, eps = ctx.geometry
     B, N, C = x.shape
@@ -136,7 +138,7 @@ sra_op, sra = register(
     flops=lambda x_shape, H, W, q_weight_shape, q_bias_shape, kv_weight_shape, kv_bias_shape, proj_weight_shape,
     proj_bias_shape, sr_weight_shape, sr_bias_shape, norm_weight_shape, norm_bias_shape, sr_ratio, linear, eps,
     heads, *args, out_shape=None, **kwargs: sra_flops(x_shape, H, W, sr_weight_shape, sr_ratio, linear, heads),
-    setup_context=_sra_setup_context, backward=_sra_autograd)
+    setup_context=save_stage_context, backward=_sra_autograd)
 """sra(x, H, W, the ten weights (biases may be None; the reduction's None without one, else filled), sr_ratio,
 linear, eps, heads, scale, deterministic) -> (out, then the saved tensors of :func:`_sra`); differentiable in x and
 every weight."""
